@@ -1,0 +1,48 @@
+"""The one error type the engine raises, with the stable codes of DESIGN.md section 6.
+
+Every failure a user can cause or meet maps to one of these codes; the CLI prints it,
+the service stores it on the job and returns it in problem+json. Anything else that
+escapes is a bug and is reported as ``internal_error``.
+"""
+
+from __future__ import annotations
+
+CODES = (
+    "invalid_spec",
+    "input_not_found",
+    "access_denied",
+    "incompatible_checkpoints",
+    "corrupt_checkpoint",
+    "non_finite_weights",
+    "output_exists",
+    "storage_error",
+    "timeout",
+    "cancelled",
+    "internal_error",
+)
+
+
+class MergeError(Exception):
+    """A failure with a stable ``code``, a message that says what to fix, and the
+    offending spec field (``param``) when there is one."""
+
+    def __init__(self, code: str, message: str, param: str | None = None):
+        if code not in CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "param": self.param}
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class Cancelled(MergeError):
+    """Raised by the pipeline when the cancel hook says stop."""
+
+    def __init__(self, message: str = "the merge was cancelled"):
+        super().__init__("cancelled", message)
