@@ -176,8 +176,8 @@ def parse_size(value, param: str = "shard_size") -> int:
         n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
     else:
         _fail(param, f"must be a size like '5GB' or a byte count, got {value!r}")
-    if n < 1024 * 1024:
-        _fail(param, f"must be at least 1MiB, got {n} bytes")
+    if n < 1024:
+        _fail(param, f"must be at least 1KiB, got {n} bytes")
     return n
 
 
