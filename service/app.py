@@ -1,0 +1,82 @@
+"""The FastAPI application: ``uvicorn service.app:app`` or ``drmerge api``.
+
+``create_app`` wires one app to one Redis (job store), one Celery client (to enqueue by
+task name: no torch here) and one metrics registry; a webhook delivery loop runs in the
+background unless disabled.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from . import problems
+from .jobstore import JobStore
+from .metrics import RedisCollector
+from .routes import health, merges
+from .settings import Settings, get_settings
+from .webhooks import WebhookDeliverer
+
+log = logging.getLogger("drmerge.api")
+
+DESCRIPTION = """
+Merge fine-tuned checkpoints stored in S3 into one multitask model with DRM
+(Decom-Renorm-Merge), TIES, task arithmetic or a linear average.
+
+Submit a job with `POST /v1/merges`, then poll `GET /v1/merges/{id}` or receive a
+signed webhook when it ends. Every error is `application/problem+json` with a stable `code`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    store = JobStore.from_url(settings.redis_url, prefix=settings.key_prefix,
+                              idempotency_ttl_s=settings.idempotency_ttl_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        deliverer = None
+        if settings.api_deliver_webhooks:
+            deliverer = WebhookDeliverer(store, settings).start()
+        try:
+            yield
+        finally:
+            if deliverer is not None:
+                deliverer.stop()
+
+    app = FastAPI(title="drmerge", version=_version(), description=DESCRIPTION, lifespan=lifespan,
+                  docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json")
+    from worker.celery_app import make_celery  # torch-free: tasks are sent by name
+
+    app.state.settings = settings
+    app.state.store = store
+    app.state.celery = make_celery(settings)
+    app.state.problem_type_base = settings.problem_type_base
+    registry = CollectorRegistry()
+    broker = redis.Redis.from_url(settings.celery_broker_url, socket_timeout=5, socket_connect_timeout=3)
+    registry.register(RedisCollector(store, broker, settings.queue, settings.worker_heartbeat_ttl_s))
+    app.state.registry = registry
+    problems.install(app)
+    app.include_router(merges.router)
+    app.include_router(health.router)
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("drmerge")
+    except Exception:
+        return "0.0.0"
+
+
+def __getattr__(name: str):
+    # `uvicorn service.app:app` builds the app on first access, from the environment.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)
