@@ -33,17 +33,25 @@ def _check(fn) -> dict:
     return out
 
 
-def s3_reachable(settings: Settings) -> str | None:
+def _probe_client(app, settings: Settings):
+    client = getattr(app.state, "s3_probe_client", None)
+    if client is None:
+        import boto3
+        from botocore import UNSIGNED
+        from botocore.config import Config
+
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
+            config=Config(signature_version=UNSIGNED, connect_timeout=2, read_timeout=3, retries={"max_attempts": 1}))
+        app.state.s3_probe_client = client
+    return client
+
+
+def s3_reachable(client) -> str | None:
     """An unsigned ListBuckets: any HTTP answer (even AccessDenied) proves the endpoint is
     up, and the API process needs no S3 credentials of its own."""
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
     from botocore.exceptions import ClientError
 
-    client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-                          config=Config(signature_version=UNSIGNED, connect_timeout=2, read_timeout=3,
-                                        retries={"max_attempts": 1}))
     try:
         client.list_buckets()
     except ClientError as e:
@@ -52,8 +60,9 @@ def s3_reachable(settings: Settings) -> str | None:
 
 
 @router.get("/readyz", summary="Readiness: Redis and S3 reachable; live worker count (zero is fine)")
-def readyz(store: JobStore = Depends(get_store), settings: Settings = Depends(get_settings_dep)):
-    checks = {"redis": _check(lambda: store.ping() and None), "s3": _check(lambda: s3_reachable(settings))}
+def readyz(request: Request, store: JobStore = Depends(get_store), settings: Settings = Depends(get_settings_dep)):
+    checks = {"redis": _check(lambda: store.ping() and None),
+              "s3": _check(lambda: s3_reachable(_probe_client(request.app, settings)))}
     workers: dict = {"live": None}
     if checks["redis"]["ok"]:
         try:
