@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     # Jobs.
     job_time_limit_s: int = Field(21600, description="A merge running longer than this fails with `timeout`.")
     job_max_attempts: int = Field(3, description="Deliveries of one job before a job whose worker keeps dying fails.")
-    worker_device: str = Field("auto", description="`auto` (cuda if present, else cpu), `cpu`, `cuda`, `cuda:N`.")
+    worker_device: str = Field("auto", description="`auto` (cuda if present, else cpu), `cpu` or `cuda`.")
     worker_heartbeat_s: float = Field(10.0, description="How often a worker refreshes its heartbeat in Redis.")
     worker_heartbeat_ttl_s: float = Field(30.0, description="A worker whose last heartbeat is older is not counted live.")
     progress_interval_s: float = Field(0.5, description="Least time between two progress writes of one job.")
@@ -54,8 +54,8 @@ class Settings(BaseSettings):
     @field_validator("worker_device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        if v not in ("auto", "cpu", "cuda"):
+            raise ValueError("must be auto, cpu or cuda")
         return v
 
     problem_type_base: str = Field(
