@@ -46,7 +46,8 @@ def _spawn(argv: list[str], env: dict, log_path: str, cwd: str | None = None) ->
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, env=full_env, cwd=cwd or root, stdin=subprocess.DEVNULL, stdout=log,
+        return subprocess.Popen(argv, env=full_env, cwd=cwd or os.path.dirname(os.path.abspath(log_path)),
+                                stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -351,18 +352,44 @@ def status(state_dir: str = ".drmerge-dev", *, as_json: bool = False, out=sys.st
 # --- demo -----------------------------------------------------------------------------------
 def build_demo_checkpoints(root: str, n_finetunes: int = 3, seed: int = 0) -> dict[str, str]:
     """A tiny random Llama base and ``n_finetunes`` fine-tunes whose deltas are low rank
-    (as real fine-tunes mostly are), saved as HF checkpoints. Returns name -> folder."""
+    (as real fine-tunes mostly are), saved as HF checkpoints. Returns name -> folder.
+    Uses transformers when installed (so the result can be loaded back); otherwise writes
+    the same Llama layout with safetensors alone."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False)
-    base = LlamaForCausalLM(config).eval()
+    dims = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                tie_word_embeddings=False)
     out = {"base": os.path.join(root, "base")}
-    base.save_pretrained(out["base"])
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    try:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        model = LlamaForCausalLM(LlamaConfig(**dims)).eval()
+
+        def save(state: dict, folder: str) -> None:
+            model.load_state_dict(state)
+            model.save_pretrained(folder)
+
+        base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    except ImportError:
+        from safetensors.torch import save_file
+
+        base_state = _plain_llama_state(dims)
+
+        def save(state: dict, folder: str) -> None:
+            os.makedirs(folder, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
+                      metadata={"format": "pt"})
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32",
+                           **dims}, f, indent=2)
+
+    save(base_state, out["base"])
     for t in range(n_finetunes):
         g = torch.Generator().manual_seed(seed + 100 + t)
         state = {}
@@ -374,10 +401,27 @@ def build_demo_checkpoints(root: str, n_finetunes: int = 3, seed: int = 0) -> di
                 state[name] = w + 0.05 * (a @ b)
             else:
                 state[name] = w + 0.01 * torch.randn(w.shape, generator=g)
-        base.load_state_dict(state)
         out[f"ft-{t + 1}"] = os.path.join(root, f"ft-{t + 1}")
-        base.save_pretrained(out[f"ft-{t + 1}"])
+        save(state, out[f"ft-{t + 1}"])
     return out
+
+
+def _plain_llama_state(d: dict) -> dict:
+    import torch
+
+    h, i, v = d["hidden_size"], d["intermediate_size"], d["vocab_size"]
+    kv = h // d["num_attention_heads"] * d["num_key_value_heads"]
+    state = {"model.embed_tokens.weight": torch.randn(v, h) * 0.02, "model.norm.weight": torch.ones(h),
+             "lm_head.weight": torch.randn(v, h) * 0.02}
+    for layer in range(d["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        for name, shape in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
+                            ("mlp.down_proj", (h, i))):
+            state[p + name + ".weight"] = torch.randn(*shape) * 0.02
+        state[p + "input_layernorm.weight"] = torch.ones(h)
+        state[p + "post_attention_layernorm.weight"] = torch.ones(h)
+    return state
 
 
 def _s3_client(state: dict):
@@ -469,11 +513,18 @@ def _check_with_transformers(s3, job: dict, local_dir: str, out) -> None:
     try:
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
         model = AutoModelForCausalLM.from_pretrained(local_dir)
         with torch.no_grad():
             logits = model(torch.tensor([[1, 2, 3, 4]])).logits
         print(f"loaded {os.path.relpath(local_dir)} with transformers.AutoModelForCausalLM: "
               f"{sum(p.numel() for p in model.parameters()):,} parameters, logits {tuple(logits.shape)}", file=out)
+    except ImportError:
+        print(f"downloaded the merged checkpoint to {os.path.relpath(local_dir)} "
+              "(pip install transformers to load it)", file=out)
     except Exception as e:  # the merge itself succeeded; say what did not work
         print(f"warning: the merged checkpoint did not load with transformers: {e}", file=out)

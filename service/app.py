@@ -75,8 +75,15 @@ def _version() -> str:
         return "0.0.0"
 
 
+_app: FastAPI | None = None
+
+
 def __getattr__(name: str):
-    # `uvicorn service.app:app` builds the app on first access, from the environment.
+    # `uvicorn service.app:app` builds the app on first access, from the environment
+    # (`drmerge api` uses `--factory service.app:create_app`).
+    global _app
     if name == "app":
-        return create_app()
+        if _app is None:
+            _app = create_app()
+        return _app
     raise AttributeError(name)

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(
         None, description="Signing secret for jobs that give none (`whsec_<base64>` or any string).")
     webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook POST.")
-    webhook_max_attempts: int = Field(8, description="Webhook POSTs before a delivery is given up.")
+    webhook_max_attempts: int = Field(12, description="Webhook POSTs before a delivery is given up.")
     webhook_backoff_base_s: float = Field(5.0, description="Delay before the first retry; doubles each retry.")
     webhook_backoff_max_s: float = Field(3600.0, description="Cap on the delay between two retries.")
     webhook_poll_s: float = Field(1.0, description="How often the delivery loop looks for due webhooks.")

@@ -24,6 +24,8 @@ from .celery_app import MERGE_TASK, celery_app
 from .runner import JobRunner
 
 log = logging.getLogger("drmerge.worker")
+for _noisy in ("botocore", "boto3", "s3transfer", "urllib3"):  # per-client INFO lines, not job news
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 _state: dict = {"name": None, "runner": None, "store": None, "stop": threading.Event(), "threads": []}
 
