@@ -246,9 +246,9 @@ def start_redis(
 class SeaweedFS(_ServerProcess):
     name = "seaweedfs (weed mini)"
 
-    def __init__(self, argv, log_path, cwd, *, endpoint_url: str, ports: dict, dir: str,
+    def __init__(self, argv, log_path, cwd, env, *, endpoint_url: str, ports: dict, dir: str,
                  access_key_id: str, secret_access_key: str, region: str):
-        super().__init__(argv, log_path, cwd)
+        super().__init__(argv, log_path, cwd, env)
         self.endpoint_url = endpoint_url
         self.ports = ports
         self.dir = dir
@@ -303,6 +303,9 @@ def start_seaweedfs(
     max_volumes: int = 500,
     timeout: float = 30.0,
     binary: str = "weed",
+    memory_limit_mb: int | None = 512,
+    extra_args: list[str] = (),
+    env: dict | None = None,
 ) -> SeaweedFS:
     """Start a single-process SeaweedFS (``weed mini``: master, volume, filer and S3
     gateway) with its data in ``dir``; return once ``ListBuckets`` succeeds with the given
@@ -313,6 +316,10 @@ def start_seaweedfs(
     preallocated, so an idle server uses a few hundred KB of disk. SeaweedFS gives each
     bucket its own volume, so ``max_volumes`` bounds how many buckets can hold data at
     once; delete buckets you are done with.
+
+    ``memory_limit_mb`` becomes Go's soft heap limit (GOMEMLIMIT): left alone, weed's
+    heap grows to ~450 MiB while tests move 20 MiB objects; a soft limit makes its GC work
+    harder near the limit instead, and never fails an allocation.
     """
     exe = shutil.which(binary)
     if exe is None:
@@ -377,9 +384,15 @@ def start_seaweedfs(
     if len(dir) < 80:
         argv += [f"-filer.localSocket={dir}/filer.sock", f"-s3.localSocket={dir}/s3.sock"]
 
+    argv += list(extra_args)
+    child_env = dict(os.environ)
+    if memory_limit_mb:
+        child_env["GOMEMLIMIT"] = f"{memory_limit_mb}MiB"
+    child_env.update(env or {})
+
     endpoint_url = f"http://{LOOPBACK}:{ports['s3']}"
     server = SeaweedFS(
-        argv, os.path.join(dir, "weed.log"), dir,
+        argv, os.path.join(dir, "weed.log"), dir, child_env,
         endpoint_url=endpoint_url, ports=ports, dir=dir,
         access_key_id=access_key_id, secret_access_key=secret_access_key, region=region,
     )
