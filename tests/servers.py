@@ -15,7 +15,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from drmerge.devservers import (  # noqa: F401  (re-exported for fixtures)
+from drmerge.devservers import (
     DEV_ACCESS_KEY_ID,
     DEV_REGION,
     DEV_SECRET_ACCESS_KEY,
@@ -28,6 +28,12 @@ from drmerge.devservers import (  # noqa: F401  (re-exported for fixtures)
     start_seaweedfs,
 )
 
+
+__all__ = [
+    "DEV_ACCESS_KEY_ID", "DEV_REGION", "DEV_SECRET_ACCESS_KEY", "RedisServer", "SeaweedFS",
+    "ServerStartError", "free_port", "free_ports", "start_redis", "start_seaweedfs",
+    "BucketSupply", "DroppingProxy", "empty_and_delete_bucket",
+]
 
 _METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ")
 
