@@ -197,9 +197,10 @@ def test_object_of_exactly_one_part_and_empty_object(s3_server, s3_bucket):
     assert st.size("empty.bin") == 0 and st.read_bytes("empty.bin") == b""
 
 
-def test_abort_leaves_no_object_and_no_pending_upload(storage, s3_client, s3_bucket):
+def test_abort_leaves_no_object_and_no_pending_upload(s3_server, s3_client, s3_bucket):
+    storage = S3Storage(f"s3://{s3_bucket}/models/base/", part_size=5 * MiB, **s3_server.s3_options())
     writer = storage.open_writer("model.safetensors")
-    writer.write(os.urandom(19 * MiB))  # two parts uploaded, one buffered
+    writer.write(os.urandom(12 * MiB))  # two parts uploaded, one buffered
     assert len(pending_uploads(s3_client, s3_bucket)) == 1
     writer.abort()
     writer.abort()  # idempotent
@@ -322,14 +323,14 @@ def test_reads_resume_after_connections_drop_mid_body(s3_server, s3_client, s3_b
 
 
 def test_uploads_survive_lost_responses(s3_server, s3_client, s3_bucket):
-    data = os.urandom(20 * MiB)
+    data = os.urandom(16 * MiB)
     with DroppingProxy(s3_server.endpoint_url) as proxy:
         options = {**s3_server.s3_options(), "endpoint_url": proxy.url}
         st = S3Storage(f"s3://{s3_bucket}/out/", part_size=5 * MiB, **options)
         writer = st.open_writer("model.safetensors")
-        writer.write(data[: 9 * MiB])  # upload created, part 1 on its way
+        writer.write(data[: 6 * MiB])  # upload created, part 1 on its way
         proxy.arm(cuts=2, request_prefix=b"PUT ")  # two UploadPart responses lost
-        writer.write(data[9 * MiB :])
+        writer.write(data[6 * MiB :])
         writer._drain(0)
         proxy.arm(cuts=1, request_prefix=b"POST ")  # the CompleteMultipartUpload response lost
         writer.commit()
@@ -349,6 +350,7 @@ def test_an_upload_aborted_behind_our_back_fails_commit(storage, s3_client, s3_b
         writer.write(os.urandom(9 * MiB))
         writer.commit()
     assert e.value.code == "storage_error"
+    assert "aborted or expired" in e.value.message
     assert not storage.exists("model.safetensors")
     assert pending_uploads(s3_client, s3_bucket) == []
 
@@ -359,10 +361,13 @@ def test_a_stopped_server_gives_storage_error_after_bounded_retries(tmp_path):
         client = server.client()
         client.create_bucket(Bucket="doomed")
         client.put_object(Bucket="doomed", Key="m/blob.bin", Body=os.urandom(MiB))
-        st = S3Storage("s3://doomed/m/", max_attempts=2, connect_timeout=1, read_timeout=2, **server.s3_options())
+        st = S3Storage(
+            "s3://doomed/m/", max_attempts=2, part_size=5 * MiB, connect_timeout=1, read_timeout=2,
+            **server.s3_options(),
+        )
         assert len(st.read_range("blob.bin", 0, 100)) == 100
         writer = st.open_writer("out.bin")
-        writer.write(os.urandom(9 * MiB))  # multipart upload started, one part sent
+        writer.write(os.urandom(6 * MiB))  # multipart upload started, one part sent
     finally:
         server.stop(kill=True)
 
@@ -374,7 +379,7 @@ def test_a_stopped_server_gives_storage_error_after_bounded_retries(tmp_path):
         assert e.value.code == "storage_error", e.value
         assert "s3://doomed/m/" in e.value.message
     with pytest.raises(MergeError) as e:
-        writer.write(os.urandom(9 * MiB))
+        writer.write(os.urandom(6 * MiB))
         writer.commit()
     assert e.value.code == "storage_error"
     writer.abort()  # cleanup after a failure never raises, even with the server gone
