@@ -24,7 +24,6 @@ import socket
 import subprocess
 import threading
 import time
-import weakref
 
 LOOPBACK = "127.0.0.1"
 
@@ -33,8 +32,12 @@ DEV_ACCESS_KEY_ID = "drmerge"
 DEV_SECRET_ACCESS_KEY = "drmerge-secret"
 DEV_REGION = "us-east-1"
 
-_running: "weakref.WeakSet[_ServerProcess]" = weakref.WeakSet()
+_running: "set[_ServerProcess]" = set()
 _running_lock = threading.Lock()
+
+# A port picked as free can be taken by another process before the server binds it;
+# a server that exits during startup is relaunched on fresh ports this many times in all.
+_LAUNCH_ATTEMPTS = 3
 
 
 class ServerStartError(RuntimeError):
@@ -178,7 +181,7 @@ class RedisServer(_ServerProcess):
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def ping(self, timeout: float = 1.0) -> bool:
+    def ping(self, timeout: float = 0.5) -> bool:
         return _redis_ping(self.host, self.port, timeout)
 
     def __repr__(self) -> str:
@@ -214,28 +217,43 @@ def start_redis(
         raise ServerStartError(f"{binary} is not on PATH (Debian/Ubuntu: apt-get install redis-server)")
     dir = os.path.abspath(os.fspath(dir))
     os.makedirs(dir, exist_ok=True)
-    port = port or free_port()
-    argv = [
-        exe,
-        "--port", str(port),
-        "--bind", LOOPBACK,
-        "--save", "",
-        "--appendonly", "yes" if appendonly else "no",
-        "--appendfsync", "everysec",
-        "--dir", dir,
-        "--daemonize", "no",
-        "--protected-mode", "yes",
-    ]
-    server = RedisServer(argv, os.path.join(dir, "redis.log"), dir, host=LOOPBACK, port=port, dir=dir, appendonly=appendonly)
+    for attempt in range(_LAUNCH_ATTEMPTS):
+        chosen = port or free_port()
+        argv = [
+            exe,
+            "--port", str(chosen),
+            "--bind", LOOPBACK,
+            "--save", "",
+            "--appendonly", "yes" if appendonly else "no",
+            "--appendfsync", "everysec",
+            "--dir", dir,
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+        ]
+        server = RedisServer(
+            argv, os.path.join(dir, "redis.log"), dir, host=LOOPBACK, port=chosen, dir=dir, appendonly=appendonly
+        )
+        if _wait_ready(server, server.ping, timeout, "answer PING", retry=port is None and attempt + 1 < _LAUNCH_ATTEMPTS):
+            return server
+    raise AssertionError("unreachable")
+
+
+def _wait_ready(server: _ServerProcess, probe, timeout: float, what: str, *, retry: bool) -> bool:
+    """Poll ``probe()`` until it is true (-> True). If the server exits first, return
+    False when ``retry`` allows another launch (another process may have taken one of
+    the ports picked for it in the meantime), else raise with its log tail."""
     deadline = time.monotonic() + timeout
     delay = 0.005
     while True:
-        if server.ping(timeout=0.5):
-            return server
+        if probe():
+            return True
         if not server.running:
-            raise server._fail(f"exited with status {server.process.returncode} before answering PING")
+            if retry:
+                server.stop()
+                return False
+            raise server._fail(f"exited with status {server.process.returncode} before it could {what}")
         if time.monotonic() > deadline:
-            raise server._fail(f"did not answer PING within {timeout:.0f}s")
+            raise server._fail(f"did not {what} within {timeout:.0f}s")
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
 
@@ -246,9 +264,9 @@ def start_redis(
 class SeaweedFS(_ServerProcess):
     name = "seaweedfs (weed mini)"
 
-    def __init__(self, argv, log_path, cwd, *, endpoint_url: str, ports: dict, dir: str,
+    def __init__(self, argv, log_path, cwd, env, *, endpoint_url: str, ports: dict, dir: str,
                  access_key_id: str, secret_access_key: str, region: str):
-        super().__init__(argv, log_path, cwd)
+        super().__init__(argv, log_path, cwd, env)
         self.endpoint_url = endpoint_url
         self.ports = ports
         self.dir = dir
@@ -303,6 +321,9 @@ def start_seaweedfs(
     max_volumes: int = 500,
     timeout: float = 30.0,
     binary: str = "weed",
+    memory_limit_mb: int | None = 512,
+    extra_args: list[str] = (),
+    env: dict | None = None,
 ) -> SeaweedFS:
     """Start a single-process SeaweedFS (``weed mini``: master, volume, filer and S3
     gateway) with its data in ``dir``; return once ``ListBuckets`` succeeds with the given
@@ -313,6 +334,10 @@ def start_seaweedfs(
     preallocated, so an idle server uses a few hundred KB of disk. SeaweedFS gives each
     bucket its own volume, so ``max_volumes`` bounds how many buckets can hold data at
     once; delete buckets you are done with.
+
+    ``memory_limit_mb`` becomes Go's soft heap limit (GOMEMLIMIT): left alone, weed's
+    heap grows to ~450 MiB while tests move 20 MiB objects; a soft limit makes its GC work
+    harder near the limit instead, and never fails an allocation.
     """
     exe = shutil.which(binary)
     if exe is None:
@@ -336,6 +361,38 @@ def start_seaweedfs(
             f,
         )
 
+    for attempt in range(_LAUNCH_ATTEMPTS):
+        server = _launch_weed(
+            exe, dir, data_dir, config_path, s3_port, volume_size_limit_mb, max_volumes,
+            memory_limit_mb, extra_args, env, access_key_id, secret_access_key, region,
+        )
+        try:
+            client = server.client(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5)
+        except BaseException:
+            server.stop(kill=True)
+            raise
+        failure: list[Exception] = []
+
+        def serves_s3() -> bool:
+            try:
+                client.list_buckets()
+                return True
+            except Exception as e:  # not up yet: connection refused, 503 while the filer starts
+                failure[:] = [e]
+                return False
+
+        try:
+            if _wait_ready(server, serves_s3, timeout, "serve ListBuckets", retry=attempt + 1 < _LAUNCH_ATTEMPTS):
+                return server
+        except ServerStartError as e:
+            raise ServerStartError(f"{e}\nlast S3 error: {failure[0]!r}" if failure else str(e)) from None
+        finally:
+            client.close()
+    raise AssertionError("unreachable")
+
+
+def _launch_weed(exe, dir, data_dir, config_path, s3_port, volume_size_limit_mb, max_volumes,
+                 memory_limit_mb, extra_args, env, access_key_id, secret_access_key, region) -> SeaweedFS:
     names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3.grpc"]
     picked = free_ports(len(names) + (0 if s3_port else 1))
     ports = dict(zip(names, picked))
@@ -376,31 +433,15 @@ def start_seaweedfs(
     # the path fits in sun_path (108 bytes).
     if len(dir) < 80:
         argv += [f"-filer.localSocket={dir}/filer.sock", f"-s3.localSocket={dir}/s3.sock"]
+    argv += list(extra_args)
 
-    endpoint_url = f"http://{LOOPBACK}:{ports['s3']}"
-    server = SeaweedFS(
-        argv, os.path.join(dir, "weed.log"), dir,
-        endpoint_url=endpoint_url, ports=ports, dir=dir,
+    child_env = dict(os.environ)
+    if memory_limit_mb:
+        child_env["GOMEMLIMIT"] = f"{memory_limit_mb}MiB"
+    child_env.update(env or {})
+
+    return SeaweedFS(
+        argv, os.path.join(dir, "weed.log"), dir, child_env,
+        endpoint_url=f"http://{LOOPBACK}:{ports['s3']}", ports=ports, dir=dir,
         access_key_id=access_key_id, secret_access_key=secret_access_key, region=region,
     )
-    try:
-        client = server.client(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5)
-    except BaseException:
-        server.stop(kill=True)
-        raise
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    last_error: Exception | None = None
-    while True:
-        try:
-            client.list_buckets()
-            client.close()
-            return server
-        except Exception as e:  # not up yet: connection refused, 503 while the filer starts
-            last_error = e
-        if not server.running:
-            raise server._fail(f"exited with status {server.process.returncode} before serving S3")
-        if time.monotonic() > deadline:
-            raise server._fail(f"did not serve ListBuckets within {timeout:.0f}s (last error: {last_error!r})")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)

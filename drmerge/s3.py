@@ -18,6 +18,8 @@ outside its reach, so reads resume from the last byte received, with the same bu
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import threading
@@ -27,10 +29,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import boto3
 import botocore.exceptions as bce
+import botocore.session
 from botocore.config import Config
 
 from .errors import MergeError
 from .storage import ObjectWriter, Storage
+
+log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 
@@ -38,7 +43,7 @@ MiB = 1 << 20
 _MIN_PART_SIZE = 5 * MiB
 _MAX_PARTS = 10_000
 
-_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchUpload"}
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 _DENIED_CODES = {
     "AccessDenied",
     "403",
@@ -67,6 +72,23 @@ try:  # urllib3 errors can escape StreamingBody.read() unwrapped on some botocor
     _BODY_ERRORS += (_u3.ProtocolError, _u3.ReadTimeoutError, _u3.IncompleteRead)
 except ImportError:  # pragma: no cover
     pass
+
+
+_client_lock = threading.Lock()
+_shared_loader = None
+
+
+def _botocore_session():
+    """A new botocore session (credentials resolve per storage, from the environment of
+    the moment) sharing one model loader: parsing the S3 service model is most of the
+    ~0.1-0.4 s a client costs, and a merge opens one storage per checkpoint."""
+    global _shared_loader
+    session = botocore.session.Session()
+    if _shared_loader is None:
+        _shared_loader = session.get_component("data_loader")
+    else:
+        session.register_component("data_loader", _shared_loader)
+    return session
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -112,6 +134,7 @@ class S3Storage(Storage):
         read_timeout: float = 60.0,
         backoff_base: float = 0.2,
         backoff_max: float = 10.0,
+        list_page_size: int = 1000,
     ):
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}"
@@ -126,6 +149,7 @@ class S3Storage(Storage):
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.list_page_size = list_page_size
 
         self.endpoint_url = endpoint_url or os.environ.get("DRMERGE_S3_ENDPOINT_URL") or None
         region = region or os.environ.get("DRMERGE_S3_REGION") or None
@@ -143,13 +167,15 @@ class S3Storage(Storage):
             tcp_keepalive=True,
         )
         try:
-            session = boto3.session.Session(
-                aws_access_key_id=access_key_id,
-                aws_secret_access_key=secret_access_key,
-                aws_session_token=session_token,
-                region_name=region,
-            )
-            self.client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+            with _client_lock:
+                session = boto3.session.Session(
+                    aws_access_key_id=access_key_id,
+                    aws_secret_access_key=secret_access_key,
+                    aws_session_token=session_token,
+                    region_name=region,
+                    botocore_session=_botocore_session(),
+                )
+                self.client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
         except ValueError as e:  # e.g. a malformed endpoint URL
             raise MergeError("invalid_spec", f"cannot configure S3 for {self.uri}: {e}") from None
         except bce.BotoCoreError as e:
@@ -306,7 +332,10 @@ class S3Storage(Storage):
         names: list[str] = []
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"
+                Bucket=self.bucket,
+                Prefix=self.prefix,
+                Delimiter="/",
+                PaginationConfig={"PageSize": self.list_page_size},
             )
             for page in pages:
                 for obj in page.get("Contents", ()):
@@ -402,18 +431,14 @@ class _S3Writer(ObjectWriter):
                 if tail:
                     self._send_part(tail)
                 self._drain(0)
-                self.s.client.complete_multipart_upload(
-                    Bucket=self.s.bucket,
-                    Key=self.key,
-                    UploadId=self._upload_id,
-                    MultipartUpload={"Parts": sorted(self._parts, key=lambda p: p["PartNumber"])},
-                )
+                self._complete()
         except BaseException as e:
             self.abort()
             if isinstance(e, MergeError):
                 raise
             raise self.s._error(e, self.what, "write") from None
         self._state = "committed"
+        self._upload_id = None
         self._shutdown()
 
     def abort(self) -> None:
@@ -429,13 +454,44 @@ class _S3Writer(ObjectWriter):
             upload_id, self._upload_id = self._upload_id, None
             try:
                 self.s.client.abort_multipart_upload(Bucket=self.s.bucket, Key=self.key, UploadId=upload_id)
-            except bce.ClientError as e:
-                if _code(e) not in _NOT_FOUND_CODES and _status(e) != 404:
-                    raise self.s._error(e, self.what, "abort the upload of") from None
             except Exception as e:
-                raise self.s._error(e, self.what, "abort the upload of") from None
+                if _code(e) == "NoSuchUpload":
+                    return
+                # abort() runs on failure paths: raising here would hide the original error.
+                # The parts stay invisible to readers; a bucket lifecycle rule
+                # (AbortIncompleteMultipartUpload) reclaims their space.
+                log.warning(
+                    "could not abort multipart upload %s of %s: %s", upload_id, self.what,
+                    self.s._error(e, self.what, "abort the upload of"),
+                )
 
     # internals
+
+    def _complete(self) -> None:
+        parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+        try:
+            self.s.client.complete_multipart_upload(
+                Bucket=self.s.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+            )
+        except bce.ClientError as e:
+            # botocore retries a completion whose response was lost; AWS then answers
+            # NoSuchUpload although the first attempt succeeded. The object's ETag tells.
+            if _code(e) == "NoSuchUpload" and self._landed(parts):
+                return
+            if _code(e) == "NoSuchUpload":
+                raise MergeError(
+                    "storage_error",
+                    f"the multipart upload of {self.what} was aborted or expired before it completed",
+                ) from None
+            raise
+
+    def _landed(self, parts: list[dict]) -> bool:
+        expected = multipart_etag([p["ETag"] for p in parts])
+        try:
+            head = self.s.client.head_object(Bucket=self.s.bucket, Key=self.key)
+        except Exception:
+            return False
+        return expected is not None and head.get("ETag", "").strip('"') == expected
 
     def _send_part(self, data) -> None:
         if self._upload_id is None:
@@ -484,6 +540,21 @@ class _S3Writer(ObjectWriter):
             self._uploader = None
 
 
+def multipart_etag(part_etags: list[str]) -> str | None:
+    """The ETag S3 gives a completed multipart object: MD5 of the parts' binary MD5s,
+    a dash, and the part count. None when the part ETags are not MD5s (SSE-KMS)."""
+    digests = []
+    for etag in part_etags:
+        etag = etag.strip('"')
+        if len(etag) != 32:
+            return None
+        try:
+            digests.append(bytes.fromhex(etag))
+        except ValueError:
+            return None
+    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
 # -- error mapping ----------------------------------------------------------------------
 
 
@@ -520,6 +591,8 @@ def map_s3_error(exc: BaseException, what: str, action: str, bucket_uri: str | N
     if isinstance(exc, bce.ClientError):
         code, status = _code(exc), _status(exc)
         message = exc.response.get("Error", {}).get("Message") or code or f"HTTP {status}"
+        if code == "NoSuchUpload":
+            return MergeError("storage_error", f"the multipart upload of {what} is gone (aborted or expired)")
         if code == "NoSuchBucket":
             bucket = f" (no bucket {bucket_uri})" if bucket_uri else ""
             return MergeError("input_not_found", f"{what} does not exist{bucket}")
