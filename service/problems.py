@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -98,13 +99,17 @@ def install(app: FastAPI) -> None:
             detail = f"no route {request.method} {request.url.path}"
         return problem_response(request, exc.status_code, code, detail, headers=getattr(exc, "headers", None))
 
+    # Registered by class (not under Exception) so the response is an ordinary one: the
+    # connection stays usable and no traceback is logged for an expected outage.
+    async def _redis_down(request: Request, exc: Exception):
+        log.warning("redis unavailable: %s", exc)
+        return problem_response(request, 503, "unavailable", "the job store (Redis) is unreachable; retry later",
+                                headers={"retry-after": "5"})
+
+    app.add_exception_handler(redis.ConnectionError, _redis_down)
+    app.add_exception_handler(redis.TimeoutError, _redis_down)
+
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):
-        import redis
-
-        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-            log.warning("redis unavailable: %s", exc)
-            return problem_response(request, 503, "unavailable", "the job store (Redis) is unreachable; retry later",
-                                    headers={"retry-after": "5"})
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(request, 500, "internal_error", "an unexpected error occurred; it has been logged")

@@ -58,6 +58,7 @@ def s3_bucket(_bucket_supply):
 import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
+import uuid  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from tests.servers import free_port  # noqa: E402

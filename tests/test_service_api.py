@@ -245,3 +245,25 @@ def test_openapi_and_docs(idle_stack):
     assert "202" in post["responses"] and "422" in post["responses"]
     assert any(p["name"] == "Idempotency-Key" for p in post["parameters"])
     assert "swagger" in idle_stack.http.get("/docs").text.lower()
+
+
+def test_redis_outage_is_503_unavailable(s3_server, tmp_path):
+    import httpx
+
+    from drmerge.devstack import service_env, start_api, stop_process
+    from tests.servers import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    port = free_port()
+    api = start_api(service_env(dead, s3_server.env(), queue="nowhere"), port, str(tmp_path / "api.log"))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            assert http.get("/livez").status_code == 200  # alive, just not ready
+            r = http.get("/readyz")
+            assert r.status_code == 503 and r.json()["checks"]["redis"]["ok"] is False
+            assert r.json()["checks"]["s3"]["ok"] is True
+            body = assert_problem(http.post("/v1/merges", json={"spec": spec()}), 503, "unavailable")
+            assert "Redis" in body["detail"]
+            assert_problem(http.get("/v1/merges"), 503, "unavailable")
+    finally:
+        stop_process(api, 10)
