@@ -110,3 +110,38 @@ def test_engine_errors_are_recorded_with_their_code(store, s3_server, family, s3
     assert time.monotonic() - t0 < 120
     job = store.require(job_id)
     assert job.error["code"] == "input_not_found" and job.result is None and job.finished_at
+
+
+def test_the_outcome_survives_a_redis_restart(tmp_path, s3_server):
+    """A merge's result is written even if Redis is away for a moment when it ends."""
+    import threading
+
+    from tests.servers import start_redis
+
+    server = start_redis(tmp_path / "redis", appendonly=True)
+    port = server.port
+    store = JobStore.from_url(server.url, prefix="restart")
+    holder: dict = {}
+    try:
+        job_id = queued(store)
+        runner = JobRunner(store, settings(s3_server), "w")
+        attempt = runner.claim(job_id)
+        time.sleep(1.2)  # appendfsync everysec: let the claim reach the disk
+        server.stop()
+
+        def restart():
+            time.sleep(1.0)
+            holder["server"] = start_redis(tmp_path / "redis", port=port, appendonly=True)
+
+        t = threading.Thread(target=restart)
+        t.start()
+        status = runner._finish(job_id, "succeeded", attempt, from_={"running"}, message="succeeded",
+                                result={"output": "s3://bkt/o/", "files": []})
+        t.join()
+        assert status == "succeeded"
+        assert store.require(job_id).status == "succeeded"
+    finally:
+        store.r.close()
+        server.stop()
+        if "server" in holder:
+            holder["server"].stop()

@@ -285,7 +285,8 @@ class JobRunner:
         if error is not None:
             fields["error"] = error
         try:
-            self.store.transition(job_id, status, from_=from_, attempt=attempt, fields=fields, message=message)
+            self._with_redis_retries(lambda: self.store.transition(job_id, status, from_=from_, attempt=attempt,
+                                                                   fields=fields, message=message))
         except StaleAttempt:
             log.warning("job %s: attempt %s was superseded; not recording %s", job_id, attempt, status)
             return None
@@ -294,6 +295,24 @@ class JobRunner:
             return None
         log.info("job %s %s", job_id, status)
         return status
+
+    @staticmethod
+    def _with_redis_retries(fn, budget_s: float = 120.0):
+        """The outcome of a merge that took hours must not be lost to a Redis blip (a
+        failover, a restart): retry the write with backoff for a couple of minutes."""
+        import redis
+
+        deadline = time.monotonic() + budget_s
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("Redis unavailable (%s); retrying in %.1fs", e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
 
     def _watchdog(self, job_id: str, attempt: int, limit: int) -> None:
         """The engine is stuck inside one tensor far past the time limit: record the
