@@ -30,8 +30,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("worker", help="run a Celery merge worker (one merge at a time)")
     p.add_argument("--hostname", help="worker name (default drmerge@<host>)")
     p.add_argument("--queue", help="queue to consume (default DRMERGE_QUEUE or drmerge)")
-    p.add_argument("--pool", default="solo", choices=("solo", "prefork", "threads"),
-                   help="solo (default) runs merges in the worker process: safe with CUDA")
+    p.add_argument("--pool", default="solo", choices=("solo", "threads"),
+                   help="solo (default) runs merges in the worker process itself; forking pools are not "
+                        "offered because CUDA does not survive a fork")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_worker)
 
@@ -109,6 +110,12 @@ def cmd_worker(args) -> int:
     from worker.celery_app import celery_app
 
     s = get_settings()
+    if s.worker_device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: invalid_request: DRMERGE_WORKER_DEVICE=cuda but no CUDA device is visible", file=sys.stderr)
+            return 1
     argv = ["worker", f"--queues={args.queue or s.queue}", "--concurrency=1", f"--pool={args.pool}",
             f"--loglevel={args.log_level}", "--without-gossip", "--without-mingle"]
     if args.hostname:
