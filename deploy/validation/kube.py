@@ -296,12 +296,18 @@ def _check_scaledobject(rel: Path, so: dict, by_kind: dict, namespace: str | Non
     problems, spec, where = [], so["spec"], f"{rel}: {_name(so)}"
     if spec.get("minReplicaCount", 0) > spec.get("maxReplicaCount", 100):
         problems.append(f"{where}: minReplicaCount exceeds maxReplicaCount")
+    config = {k: v for _, cm in by_kind.get("ConfigMap", []) for k, v in (cm.get("data") or {}).items()}
+    limit = int(config.get("DRMERGE_JOB_TIME_LIMIT_S", "21600"))
+    # KEDA's default cooldownPeriod is 300 s.
+    if spec.get("minReplicaCount", 0) == 0 and spec.get("cooldownPeriod", 300) < limit:
+        problems.append(f"{where}: scales to zero after cooldownPeriod {spec.get('cooldownPeriod', 300)}s, "
+                        f"shorter than DRMERGE_JOB_TIME_LIMIT_S {limit}s: a merge longer than the cooldown "
+                        "is stopped, re-queued, restarted and stopped again, forever")
     redis_triggers = [t for t in spec.get("triggers") or [] if t.get("type") == "redis"]
     if not redis_triggers:
         problems.append(f"{where}: no redis trigger on the Celery queue")
     redis_services = {s["metadata"]["name"]: s for _, s in by_kind.get("Service", [])
                       if "redis" in s["metadata"]["name"]}
-    config = {k: v for _, cm in by_kind.get("ConfigMap", []) for k, v in (cm.get("data") or {}).items()}
     for trig in redis_triggers:
         meta = trig.get("metadata") or {}
         if meta.get("listName") != CELERY_QUEUE:
