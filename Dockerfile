@@ -73,6 +73,7 @@ COPY deploy/docker/worker_healthcheck.py /usr/local/lib/drmerge/worker_healthche
 ENV DRMERGE_WORKER_DEVICE=auto \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    CUDA_CACHE_PATH=/tmp/.nv/ComputeCache \
     TRITON_CACHE_DIR=/tmp/.triton
 USER 10001:10001
 # Liveness = this container's Celery node answers a broadcast ping through the broker

@@ -185,6 +185,8 @@ K8S_BREAKS = {
     "kustomization misses a file": (K8S + "kustomization.yaml", "  - api-pdb.yaml\n", "", "does not list api-pdb.yaml"),
     "replicas fight the autoscaler": (K8S + "worker-deployment.yaml", "  revisionHistoryLimit: 5",
                                       "  replicas: 2\n  revisionHistoryLimit: 5", "sets spec.replicas"),
+    "no seccomp profile": (K8S + "redis.yaml", "        seccompProfile:\n          type: RuntimeDefault\n", "",
+                           "no seccompProfile"),
     "untagged image": (K8S + "redis.yaml", "image: redis:7.4.11-bookworm", "image: redis", "has no release tag"),
     "ServiceMonitor port typo": (K8S + "optional/servicemonitor.yaml", "- port: http", "- port: metrics",
                                  "no selected Service names"),

@@ -146,8 +146,7 @@ def _matches(selector: dict | None, labels: dict) -> bool:
     """matchLabels and matchExpressions (In/NotIn/Exists/DoesNotExist) against labels."""
     if not selector:
         return False
-    match_labels = selector.get("matchLabels", selector if "matchExpressions" not in selector else {})
-    if any(labels.get(k) != v for k, v in match_labels.items()):
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
         return False
     for expr in selector.get("matchExpressions") or []:
         key, op, values = expr["key"], expr["operator"], expr.get("values") or []
@@ -169,12 +168,15 @@ def _probes(container: dict) -> Iterator[tuple[str, dict]]:
 
 
 def _image_pinned(image: str, kustomize_images: dict[str, dict]) -> bool:
-    name, _, tag = image.partition("@")[0].rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
+    """A release tag or digest, here or set by the kustomization's `images:`."""
     if "@sha256:" in image:
         return True
-    override = kustomize_images.get(name or image)
+    name, tag = image.rsplit(":", 1) if ":" in image.rsplit("/", 1)[-1] else (image, "")
+    override = kustomize_images.get(name)
     if override:
-        tag = override.get("newTag") or ("digest" if override.get("digest") else tag)
+        if override.get("digest"):
+            return True
+        tag = override.get("newTag") or tag
     return bool(tag) and tag != "latest"
 
 
@@ -214,6 +216,7 @@ def check_references(docs: list[tuple[Path, dict]]) -> list[str]:
             problems.append(f"{where}: mounts a service-account token it does not need")
         if (pod.get("securityContext") or {}).get("runAsNonRoot") is not True:
             problems.append(f"{where}: pod securityContext.runAsNonRoot is not true")
+        pod_seccomp = ((pod.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
         for c in _containers(doc):
             cw = f"{where} container {c.get('name')}"
             if not _image_pinned(c.get("image", ""), kustomize_images):
@@ -229,6 +232,9 @@ def check_references(docs: list[tuple[Path, dict]]) -> list[str]:
                 problems.append(f"{cw}: allowPrivilegeEscalation is not false")
             if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
                 problems.append(f"{cw}: capabilities are not dropped (drop: [ALL])")
+            # The namespace enforces Pod Security `restricted`, which also wants a seccomp profile.
+            if ((sc.get("seccompProfile") or {}).get("type") or pod_seccomp) not in ("RuntimeDefault", "Localhost"):
+                problems.append(f"{cw}: no seccompProfile RuntimeDefault (Pod Security restricted)")
             for src in c.get("envFrom") or []:
                 if "configMapRef" in src and src["configMapRef"]["name"] not in configmaps:
                     problems.append(f"{cw}: envFrom ConfigMap {src['configMapRef']['name']} is not defined")
