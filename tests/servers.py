@@ -256,8 +256,10 @@ class FaultyS3Proxy:
         return rule
 
     def clear(self) -> None:
+        """Forget every rule and the request log."""
         with self._lock:
             self.rules.clear()
+            self.log.clear()
 
     def release(self) -> None:
         self._release.set()
