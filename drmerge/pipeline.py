@@ -356,7 +356,7 @@ def discard_partial_output(spec: MergeSpec, shards: list[dict], s3_options: dict
 def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | None = None,
               should_cancel: CancelFn | None = None, s3_options: dict | None = None,
               completed_shards: list[dict] | None = None, on_shard: Callable[[dict], None] | None = None,
-              should_pause: CancelFn | None = None) -> MergeResult:
+              should_pause: CancelFn | None = None, owns_output: CancelFn | None = None) -> MergeResult:
     """Merge ``spec`` end to end and return what was written. Raises ``MergeError``.
 
     ``completed_shards`` (a list, even empty) makes this a resumed run: unfinished uploads
@@ -366,6 +366,10 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
     ``should_pause()`` is polled between tensors; when true the run stops, keeps its
     committed shards and raises ``Interrupted`` (also raised, instead of cleaning up, if a
     failure happens while a pause is requested: the output may belong to a newer run).
+    ``owns_output()`` is asked once before a failed run deletes what it wrote: false (or
+    an exception) keeps everything and raises ``Interrupted``. The service answers it from
+    the job record, so a worker that lost its job to a newer attempt never deletes shards
+    that attempt has verified and kept.
     """
     started = time.perf_counter()
     created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
@@ -482,6 +486,11 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
                 paused = bool(should_pause())
             except Exception:
                 pass
+        if not paused and owns_output is not None:
+            try:
+                paused = not owns_output()
+            except Exception:
+                paused = True  # cannot tell: deleting might destroy a newer run's shards
         if paused:  # keep committed shards: a resumed run (maybe already started) uses them
             n_kept = len(kept) + len(writer.written if writer else ())
             if isinstance(e, Interrupted):

@@ -223,3 +223,37 @@ def test_shutdown_hands_the_job_back_and_the_next_attempt_resumes(store, s3_serv
     assert any(e["type"] == "resume" for e in store.events(job_id))
     clean = run_merge(parse_spec(fam.spec("clean/", shard_size="20KB")), device="cpu")
     assert job.result["files"] == clean.files
+
+
+def test_a_zombie_attempt_never_deletes_the_newer_attempt_s_shards(store, s3_server, s3_client, s3_bucket, tmp_path):
+    """A worker whose job was re-queued while it still ran (its heartbeats stalled) and
+    then fails must not clean up: the output belongs to the newer attempt, which keeps
+    the shards already committed."""
+    from drmerge.spec import parse_spec
+    from tests.conftest import _family
+
+    fam = _family(tmp_path, s3_client, s3_bucket, n_layers=12, dim=48)
+    spec = parse_spec(fam.spec("merged/zombie/", shard_size="20KB")).to_dict()
+    s = settings(s3_server)
+    job_id = queued(store, spec, spec["output"])
+    zombie = JobRunner(store, s, "w-zombie")  # in-process: no heartbeat thread tells it anything
+
+    def take_over():
+        deadline = time.monotonic() + 60
+        while len(store.require(job_id).shards) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        store.transition(job_id, "queued", from_={"running"}, attempt=1, fields={"worker": ""},
+                         message="re-queued (test: the reaper found its heartbeat stale)")
+        assert JobRunner(store, s, "w-new").claim(job_id) == 2
+        s3_client.delete_object(Bucket=s3_bucket, Key="ft-1/model.safetensors")  # the zombie will fail
+
+    t = threading.Thread(target=take_over)
+    t.start()
+    assert zombie.run(job_id) is None  # neither failed nor handed back: it just stopped
+    t.join()
+    job = store.require(job_id)
+    assert job.status == "running" and job.attempts == 2 and job.worker == "w-new" and job.error is None
+    keys = list_keys(s3_client, s3_bucket, "merged/zombie/")
+    assert {f"merged/zombie/{e['name']}" for e in job.shards} <= set(keys)
+    assert zombie._lost.is_set()

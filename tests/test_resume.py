@@ -173,6 +173,34 @@ def test_a_failure_while_a_pause_is_requested_keeps_the_output(family, tmp_path,
     assert files_of(out) == before
 
 
+def test_a_failed_run_that_no_longer_owns_its_output_deletes_nothing(family, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    spec = spec_for(family, out)
+    journal, _ = interrupted_run(spec, after_tensors=30)
+    before = files_of(out)
+    calls = {"merged": 0}
+    real = pipeline.merge_one
+
+    def fail_later(*a, **kw):
+        calls["merged"] += 1
+        if calls["merged"] > 8:
+            raise MergeError("storage_error", "S3 went away")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "merge_one", fail_later)
+    asked = []
+    with pytest.raises(Interrupted):
+        run_merge(parse_spec(spec), device="cpu", completed_shards=journal, on_shard=journal.append,
+                  owns_output=lambda: asked.append(1) or False)
+    assert asked == [1]
+    after = files_of(out)
+    assert {n: after[n] for n in before} == before  # kept shards are all still there
+    # ...and with the output still ours, the same failure cleans up everything
+    with pytest.raises(MergeError) as err:
+        run_merge(parse_spec(spec), device="cpu", completed_shards=journal, owns_output=lambda: True)
+    assert err.value.code == "storage_error" and not out.exists()
+
+
 def test_discard_partial_output(family, clean, tmp_path):
     out = tmp_path / "out"
     spec = spec_for(family, out)

@@ -287,6 +287,14 @@ class JobRunner:
         def should_pause() -> bool:
             return self.shutting_down.is_set() or self._lost.is_set()
 
+        def owns_output() -> bool:
+            """Asked before a failed attempt deletes its output. Stamping the heartbeat
+            both checks ownership and keeps the reaper away while the deletion runs."""
+            if self.store.job_heartbeat(job_id, attempt):
+                return True
+            self._lost.set()
+            return False
+
         try:
             spec = parse_spec(job.spec)
             run_merge = self._run_merge
@@ -294,7 +302,7 @@ class JobRunner:
                 from drmerge.pipeline import run_merge
             result = run_merge(spec, device=self.device, progress=reporter, should_cancel=should_cancel,
                                s3_options=self.settings.s3_options(), completed_shards=completed,
-                               on_shard=on_shard, should_pause=should_pause)
+                               on_shard=on_shard, should_pause=should_pause, owns_output=owns_output)
         except Interrupted as e:
             return self._hand_back(job_id, attempt, reporter.flush(), e)
         except MergeError as e:
