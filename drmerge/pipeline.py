@@ -39,12 +39,12 @@ from .plan import Plan, TensorPlan, build_plan
 from .spec import MergeSpec
 from .storage import Storage, open_storage
 
+log = logging.getLogger(__name__)
+
 MARKER = "drmerge.json"
 PREFETCH = 2  # tensors read ahead of the one being merged
 COMPUTE_DTYPE = torch.float32
 VERIFY_CHUNK = 16 * 1024 * 1024  # read-back size when verifying a kept shard
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -422,6 +422,8 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
             if dropped:
                 log.info("aborted %d unfinished upload(s) left in %s by an earlier run", dropped, out.uri)
             kept = _kept_shards(out, plan, names, completed_shards, fingerprint, plan.warnings)
+        for warning in plan.warnings:  # also logged, so a caller sees them if the merge fails later
+            log.warning(warning)
         timings["plan_s"] = time.perf_counter() - started
         state.tensors_total = len(plan.tensors)
         state.tensors_done = sum(len(plan.shards[i]) for i in kept)
