@@ -128,8 +128,17 @@ class ProblemDetail(BaseModel):
     instance: str | None = None
 
 
-PROBLEM_RESPONSES: dict = {
-    code: {"model": ProblemDetail, "content": {"application/problem+json": {}}, "description": desc}
-    for code, desc in {404: "Unknown job (`not_found`)", 422: "Invalid request (`invalid_spec`, `invalid_request`)",
-                       503: "Redis or the broker is unreachable (`unavailable`)"}.items()
-}
+def _problems(descriptions: dict) -> dict:
+    return {code: {"model": ProblemDetail, "content": {"application/problem+json": {}}, "description": desc}
+            for code, desc in descriptions.items()}
+
+
+PROBLEM_RESPONSES: dict = _problems({
+    401: "No API key, or an invalid or revoked one (`unauthorized`)",
+    404: "Unknown job, or another tenant's (`not_found`)",
+    422: "Invalid request (`invalid_spec`, `invalid_request`)",
+    503: "Redis or the broker is unreachable (`unavailable`)"})
+SUBMIT_PROBLEM_RESPONSES: dict = _problems({
+    403: "The spec names storage outside the key's allow list (`access_denied`)",
+    413: "The request body is too large (`payload_too_large`)",
+    429: "The tenant has too many queued jobs (`quota_exceeded`; see Retry-After)"})
