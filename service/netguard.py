@@ -87,7 +87,7 @@ class Policy:
             problem = self.address_problem(inner)
             return problem and f"{problem} (as {addr})"
         if addr in METADATA_ADDRESSES:
-            return f"{addr} is a cloud metadata address"
+            return f"{addr} (a cloud metadata address)"
         if self.allow_http_loopback and any(addr in net for net in _LOOPBACK):
             return None
         if any(addr.version == net.version and addr in net for net in self.allowed_networks):
@@ -97,7 +97,7 @@ class Policy:
         kind = ("loopback" if addr.is_loopback else "link-local" if addr.is_link_local
                 else "multicast" if addr.is_multicast else "unspecified" if addr.is_unspecified
                 else "private" if addr.is_private else "reserved or non-public")
-        return f"{addr} is a {kind} address"
+        return f"{addr} (a {kind} address)"
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,9 @@ def check_webhook_url(url: str, policy: Policy, resolver=None) -> PinnedTarget:
         literal = None
     if literal is not None and "%" in host:
         raise WebhookURLError("must not use an IPv6 zone id")
+    if scheme == "http" and not policy.allow_http_loopback:
+        raise WebhookURLError("must use https:// (http:// is allowed only for loopback receivers, when the "
+                              "operator enables DRMERGE_WEBHOOK_ALLOW_HTTP_LOOPBACK)")
     try:
         addresses = [literal.compressed] if literal is not None else (resolver or resolve)(host, port)
     except UnicodeError:
@@ -163,12 +166,8 @@ def check_webhook_url(url: str, policy: Policy, resolver=None) -> PinnedTarget:
         if problem:
             raise WebhookURLError(f"host {host!r} resolves to {problem}, which this service does not call")
         checked.append(addr)
-    if scheme == "http":
-        if not policy.allow_http_loopback:
-            raise WebhookURLError("must use https:// (http:// is allowed only for loopback receivers when "
-                                  "the operator enables DRMERGE_WEBHOOK_ALLOW_HTTP_LOOPBACK)")
-        if not all(any(a in net for net in _LOOPBACK) for a in checked):
-            raise WebhookURLError("must use https:// (http:// is allowed only for loopback receivers)")
+    if scheme == "http" and not all(any(a in net for net in _LOOPBACK) for a in checked):
+        raise WebhookURLError("must use https:// (http:// is allowed only for loopback receivers)")
     pinned = checked[0]
     netloc_ip = f"[{pinned.compressed}]" if pinned.version == 6 else pinned.compressed
     default_port = (scheme == "https" and port == 443) or (scheme == "http" and port == 80)

@@ -23,6 +23,7 @@ class Receiver:
     def __init__(self):
         self.codes: list[int] = []
         self.requests: list[tuple[dict, bytes]] = []
+        self.redirect_to: str | None = None  # sent as Location with every answer
         self.lock = threading.Lock()
         outer = self
 
@@ -33,6 +34,8 @@ class Receiver:
                     outer.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
                     code = outer.codes.pop(0) if outer.codes else 200
                 self.send_response(code)
+                if outer.redirect_to:
+                    self.send_header("location", outer.redirect_to)
                 self.send_header("content-length", "0")
                 self.end_headers()
 

@@ -33,7 +33,8 @@ def _check_locations(spec, settings: Settings, principal: Principal) -> None:
     """The service reads and writes S3, and each key only the S3 prefixes it was given
     (403 ``access_denied``; service.allowlist has the matching rules). Local paths would
     name files on whichever worker runs the job, so they are refused unless the operator
-    allows one root (resolved with realpath: no ``..`` or symlink leads out of it)."""
+    allows one root (resolved with realpath: no ``..`` or symlink leads out of it), and
+    then only to keys that may use any location (``--allow '*'``)."""
     named = ([("spec.base_model", spec.base_model, False)] if spec.base_model else []) + \
             [(f"spec.models[{i}].model", m.model, False) for i, m in enumerate(spec.models)] + \
             [("spec.output", spec.output, True)]
@@ -51,6 +52,8 @@ def _check_locations(spec, settings: Settings, principal: Principal) -> None:
         if not root:
             raise Problem(422, "invalid_spec", f"{param}: local paths are not accepted by the service; "
                           f"use s3://bucket/prefix/ (got {uri!r})", param)
+        if not principal.access.any_location:  # allow lists name S3 prefixes, never local files
+            raise Problem(403, "access_denied", f"{param}: this API key may not use local paths", param)
         real_root = os.path.realpath(root)
         if not os.path.isabs(uri) or os.path.commonpath([os.path.realpath(uri), real_root]) != real_root:
             raise Problem(422, "invalid_spec", f"{param}: local paths must be absolute and inside {root}", param)
