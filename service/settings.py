@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     @field_validator("api_key_pepper")
     @classmethod
     def _pepper(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            return None  # an empty variable is an unset one
         if v is not None and len(v.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 32`)")
         return v

@@ -191,6 +191,25 @@ def idle_stack(redis_server, s3_server, tmp_path_factory):
     _stop_all(procs)
 
 
+STRICT_LIMITS = dict(max_body_bytes=65536, max_models=4, max_spec_string_length=300, max_queued_per_tenant=3)
+
+
+@pytest.fixture(scope="session")
+def strict_stack(redis_server, s3_server, tmp_path_factory):
+    """An API (no worker) with production webhook rules (https to public addresses only),
+    small limits (``STRICT_LIMITS``) and a local root (``stack.local_root``) that keys
+    allowed any location may use. Tests here make a fresh tenant each, so queue quotas
+    never collide."""
+    root = tmp_path_factory.mktemp("local-root")
+    stack, procs = _make_stack(redis_server, s3_server, tmp_path_factory.mktemp("strict"), with_worker=False,
+                               allow_local_root=str(root), webhook_secret="strict-stack-signing-secret",
+                               **STRICT_LIMITS)
+    stack.local_root = str(root)
+    yield stack
+    stack.http.close()
+    _stop_all(procs)
+
+
 def write_checkpoint(folder, tensors: dict, config: dict | None = None) -> str:
     """An HF-style folder: model.safetensors (+ config.json)."""
     from safetensors.torch import save_file
