@@ -154,9 +154,10 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
         time.sleep(0.1)
 
 
-def start_api(env: dict, port: int, log_path: str, host: str = "127.0.0.1", timeout: float = 30.0) -> subprocess.Popen:
+def start_api(env: dict, port: int, log_path: str, host: str = "127.0.0.1", timeout: float = 30.0,
+              log_level: str = "warning") -> subprocess.Popen:
     """``drmerge api`` in the background; returns once /livez answers."""
-    argv = [sys.executable, "-m", "drmerge", "api", "--host", host, "--port", str(port), "--log-level", "warning"]
+    argv = [sys.executable, "-m", "drmerge", "api", "--host", host, "--port", str(port), "--log-level", log_level]
     proc = _spawn(argv, env, log_path)
     try:
         wait_http(f"http://{host}:{port}/livez", timeout, proc, log_path)
