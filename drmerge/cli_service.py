@@ -118,7 +118,8 @@ def cmd_api(args) -> int:
 
     s = get_settings()
     uvicorn.run("service.app:create_app", factory=True, host=args.host or s.api_host, port=args.port or s.api_port,
-                workers=args.workers or s.api_workers, log_level=args.log_level, proxy_headers=True)
+                workers=args.workers or s.api_workers, log_level=args.log_level, proxy_headers=True,
+                timeout_keep_alive=s.api_keep_alive_s)
     return 0
 
 

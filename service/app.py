@@ -87,8 +87,13 @@ def _key_lookup(settings: Settings) -> AsyncKeyLookup | None:
                            "a local, single-user API")
     import redis.asyncio
 
-    client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
-                                          socket_connect_timeout=3, health_check_interval=30)
+    # A blocking pool: a burst of concurrent requests waits for one of 64 connections (a
+    # lookup holds one for well under a millisecond) instead of failing with "Too many
+    # connections", which the default pool (100, then errors) does under load.
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=64, timeout=20, decode_responses=True, socket_timeout=10,
+        socket_connect_timeout=3, health_check_interval=30)
+    client = redis.asyncio.Redis(connection_pool=pool)
     return AsyncKeyLookup(client, settings.key_prefix, settings.api_key_pepper.get_secret_value().encode())
 
 

@@ -99,7 +99,9 @@ _bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
                                  "`drmerge keys create --tenant NAME --allow s3://bucket/prefix`).")
 
 
-def get_principal(request: Request, _creds: HTTPAuthorizationCredentials | None = Security(_bearer)) -> Principal:
+async def get_principal(request: Request,
+                        _creds: HTTPAuthorizationCredentials | None = Security(_bearer)) -> Principal:
+    # async: reads what the middleware found; a sync dependency would cost a thread hop
     principal = getattr(request.state, "principal", None)
     if principal is None:  # a /v1 route reached without the middleware: never serve it
         raise Problem(401, "unauthorized", "this API needs a key")

@@ -165,6 +165,7 @@ class AsyncKeyLookup:
 
     async def close(self) -> None:
         await self.r.aclose()
+        await self.r.connection_pool.disconnect()
 
 
 def _verified(h: dict, dig: str) -> ApiKey | None:

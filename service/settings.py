@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="Interface `drmerge api` listens on.")
     api_port: int = Field(8000, description="Port `drmerge api` listens on.")
     api_workers: int = Field(1, description="uvicorn worker processes started by `drmerge api`.")
+    api_keep_alive_s: int = Field(
+        75, description="Idle keep-alive connections of `drmerge api` close after this; keep it above your load "
+                        "balancer's idle timeout.")
     broker_url: str | None = Field(None, description="Celery broker; unset means `redis_url`.")
     queue: str = Field("drmerge", description="Celery queue the merge tasks go to.")
     key_prefix: str = Field("drmerge", description="Prefix of every Redis key the job store writes.")
