@@ -19,7 +19,8 @@ def _spec_schema() -> dict:
     rules as the CLI; built from its constants so the two cannot drift apart."""
     from drmerge import spec as s
 
-    location = {"type": "string", "minLength": 6, "maxLength": 1024, "pattern": r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
+    location = {"type": "string", "minLength": 6, "maxLength": 1024,
+                "pattern": r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
                 "description": "s3://bucket/prefix/ (a folder of safetensors files)."}
     fraction = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
     patterns = {"type": "array", "maxItems": s.MAX_PATTERNS,
