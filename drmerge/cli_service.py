@@ -54,6 +54,23 @@ def register(subparsers) -> None:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_dev_status)
 
+    p = subparsers.add_parser("keys", help="create, list and revoke API keys (admin: talks to Redis directly)")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    kc = keys.add_parser("create", help="create a key for a tenant; prints the key alone (it is shown only once)")
+    kc.add_argument("--tenant", required=True, help="tenant name: lowercase letters, digits, '.', '_', '-'")
+    kc.add_argument("--allow", action="append", default=[], metavar="S3_URI",
+                    help="S3 location the key may read and write, s3://bucket[/prefix] (repeat; '*' for any). "
+                         "Without any --allow the key can read its tenant's jobs but submit none")
+    kc.add_argument("--allow-read", action="append", default=[], metavar="S3_URI",
+                    help="S3 location the key may read inputs from, but never write (repeat)")
+    kc.set_defaults(func=cmd_keys_create)
+    kl = keys.add_parser("list", help="list keys: id, tenant, allow, created, revoked (never the keys themselves)")
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(func=cmd_keys_list)
+    kr = keys.add_parser("revoke", help="revoke a key by id (effective on its next request)")
+    kr.add_argument("id")
+    kr.set_defaults(func=cmd_keys_revoke)
+
     p = subparsers.add_parser("submit", help="submit a merge spec (YAML/JSON) to the API; prints the job id")
     p.add_argument("spec", help="spec file, or - for stdin")
     p.add_argument("--metadata", "-m", action="append", default=[], metavar="KEY=VALUE")
@@ -106,7 +123,7 @@ def cmd_api(args) -> int:
     # then runs the app's shutdown (webhook loop, reaper).
     uvicorn.run("service.app:create_app", factory=True, host=args.host or s.api_host, port=args.port or s.api_port,
                 workers=args.workers or s.api_workers, log_level=args.log_level, proxy_headers=True,
-                timeout_graceful_shutdown=s.api_shutdown_timeout_s or None)
+                timeout_keep_alive=s.api_keep_alive_s, timeout_graceful_shutdown=s.api_shutdown_timeout_s or None)
     return 0
 
 
@@ -147,6 +164,83 @@ def cmd_dev_status(args) -> int:
     from . import devstack
 
     return devstack.status(args.dir, as_json=args.json)
+
+
+# --- API keys (admin) -----------------------------------------------------------------------
+def _keystore():
+    from service.keys import KeyStore
+    from service.settings import Settings
+
+    return KeyStore.from_settings(Settings())
+
+
+def _keys_command(fn) -> int:
+    """Runs a keys subcommand; configuration and Redis problems become ``error:`` lines."""
+    import redis
+    from pydantic import ValidationError
+
+    from service.allowlist import AllowListError
+    from service.keys import KeyStoreError
+
+    try:
+        return fn()
+    except (KeyStoreError, AllowListError) as e:
+        print(f"error: invalid_request: {e}", file=sys.stderr)
+    except ValidationError as e:
+        print(f"error: invalid_request: bad DRMERGE_* setting: {e.errors()[0].get('loc')}: "
+              f"{e.errors()[0].get('msg')}", file=sys.stderr)
+    except redis.RedisError as e:
+        print(f"error: unavailable: cannot reach Redis (DRMERGE_REDIS_URL): {e}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def cmd_keys_create(args) -> int:
+    def run() -> int:
+        key, rec = _keystore().create(args.tenant, allow=args.allow, allow_read=args.allow_read)
+        if not rec.allow:
+            print(f"note: {rec.id} has no --allow: it can read tenant {rec.tenant!r}'s jobs but submit none",
+                  file=sys.stderr)
+        print(f"created {rec.id} for tenant {rec.tenant!r}; the key is shown only this once:", file=sys.stderr)
+        print(key)
+        return EXIT_OK
+
+    return _keys_command(run)
+
+
+def cmd_keys_list(args) -> int:
+    def run() -> int:
+        keys = _keystore().list()
+        if args.json:
+            print(json.dumps([k.public() for k in keys], indent=2))
+            return EXIT_OK
+        if not keys:
+            print("no keys")
+            return EXIT_OK
+        print(f"{'ID':<20}  {'TENANT':<16}  {'CREATED':<20}  {'REVOKED':<20}  ALLOW")
+        for k in keys:
+            allow = ", ".join(list(k.allow) + [f"{a} (read)" for a in k.allow_read]) or "-"
+            print(f"{k.id:<20}  {k.tenant:<16}  {_when(k.created_at):<20}  {_when(k.revoked_at):<20}  {allow}")
+        return EXIT_OK
+
+    return _keys_command(run)
+
+
+def cmd_keys_revoke(args) -> int:
+    def run() -> int:
+        rec = _keystore().revoke(args.id)
+        if rec is None:
+            print(f"error: not_found: no API key {args.id!r} (see `drmerge keys list`)", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{rec.id} revoked (tenant {rec.tenant!r})")
+        return EXIT_OK
+
+    return _keys_command(run)
 
 
 # --- client ---------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Needs only httpx. The API URL comes from the argument, else ``DRMERGE_API_URL``, else
 the local dev stack started in the current directory (``.drmerge-dev/state.json``),
-else http://127.0.0.1:8000. ``DRMERGE_API_KEY``, when set, is sent as a bearer token.
+else http://127.0.0.1:8000. The API key comes from the argument, else ``DRMERGE_API_KEY``,
+else the dev stack's key, but only when the URL is the dev stack's too (a key is never
+sent to a server it was not made for). It is sent as ``Authorization: Bearer <key>``.
 
 Submissions carry an ``Idempotency-Key`` (a fresh one unless given), so the client can
 retry a POST whose answer was lost without creating a second job.
@@ -32,15 +34,30 @@ class ApiError(Exception):
         self.problem = problem or {}
 
 
+def _dev_state(cwd: str | None = None) -> dict:
+    try:
+        with open(os.path.join(cwd or os.getcwd(), ".drmerge-dev", "state.json")) as f:
+            state = json.load(f)
+        return state if isinstance(state, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def default_api_url(cwd: str | None = None) -> str:
     url = os.environ.get("DRMERGE_API_URL")
     if url:
         return url
-    try:
-        with open(os.path.join(cwd or os.getcwd(), ".drmerge-dev", "state.json")) as f:
-            return json.load(f)["api_url"]
-    except (OSError, ValueError, KeyError):
-        return DEFAULT_URL
+    return _dev_state(cwd).get("api_url") or DEFAULT_URL
+
+
+def default_api_key(base_url: str, cwd: str | None = None) -> str | None:
+    key = os.environ.get("DRMERGE_API_KEY")
+    if key:
+        return key
+    state = _dev_state(cwd)
+    if state.get("api_key") and state.get("api_url", "").rstrip("/") == base_url.rstrip("/"):
+        return state["api_key"]
+    return None
 
 
 class Client:
@@ -48,7 +65,7 @@ class Client:
                  retries: int = 3, transport: httpx.BaseTransport | None = None):
         self.base_url = (base_url or default_api_url()).rstrip("/")
         headers = {"user-agent": "drmerge-client/1", "accept": "application/json"}
-        key = api_key if api_key is not None else os.environ.get("DRMERGE_API_KEY")
+        key = api_key if api_key is not None else default_api_key(self.base_url)
         if key:
             headers["authorization"] = f"Bearer {key}"
         self.retries = retries

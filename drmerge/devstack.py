@@ -8,6 +8,10 @@ ports and logs live in the state directory (``.drmerge-dev/`` by default), next 
 through the HTTP API, follows it to the end and loads the result with transformers.
 ``down`` stops everything (data and logs stay unless ``--purge``).
 
+The API requires keys as in production: ``up`` makes a fresh pepper and one key (tenant
+``dev``, any S3 location), prints it, and keeps it in ``state.json`` and ``env`` (both
+readable by you alone), where the client commands run from this directory find it.
+
 The API and worker launchers are also what the service tests use to start real
 processes (``start_api``, ``start_worker``).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -149,9 +154,10 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
         time.sleep(0.1)
 
 
-def start_api(env: dict, port: int, log_path: str, host: str = "127.0.0.1", timeout: float = 30.0) -> subprocess.Popen:
+def start_api(env: dict, port: int, log_path: str, host: str = "127.0.0.1", timeout: float = 30.0,
+              log_level: str = "warning") -> subprocess.Popen:
     """``drmerge api`` in the background; returns once /livez answers."""
-    argv = [sys.executable, "-m", "drmerge", "api", "--host", host, "--port", str(port), "--log-level", "warning"]
+    argv = [sys.executable, "-m", "drmerge", "api", "--host", host, "--port", str(port), "--log-level", log_level]
     proc = _spawn(argv, env, log_path)
     try:
         wait_http(f"http://{host}:{port}/livez", timeout, proc, log_path)
@@ -256,13 +262,15 @@ def up(state_dir: str = ".drmerge-dev", *, demo: bool = False, api_port: int = 8
         _detach(s3)
         started.append(s3.pid)
         port = api_port if _port_free(api_port) else devservers.free_port()
-        env = service_env(redis_srv.url, s3.env(), api_host="127.0.0.1", api_port=port)
+        pepper = secrets.token_hex(32)
+        env = service_env(redis_srv.url, s3.env(), api_host="127.0.0.1", api_port=port, api_key_pepper=pepper)
         print(f"starting the API on http://127.0.0.1:{port} ...", file=out, flush=True)
         api = start_api(env, port, os.path.join(logs, "api.log"))
         started.append(api.pid)
         print("starting a worker ...", file=out, flush=True)
         worker = start_worker(env, "drmerge-dev@localhost", os.path.join(logs, "worker.log"))
         started.append(worker.pid)
+        api_key = _create_dev_key(redis_srv.url, pepper)
     except BaseException as e:
         for pid in reversed(started):
             stop_process(pid, 5)
@@ -270,6 +278,7 @@ def up(state_dir: str = ".drmerge-dev", *, demo: bool = False, api_port: int = 8
         return 1
     state = {
         "api_url": f"http://127.0.0.1:{port}",
+        "api_key": api_key,
         "redis_url": redis_srv.url,
         "s3_endpoint_url": s3.endpoint_url,
         "s3_region": s3.region,
@@ -284,19 +293,40 @@ def up(state_dir: str = ".drmerge-dev", *, demo: bool = False, api_port: int = 8
         },
         "started_at": time.time(),
     }
-    with open(os.path.join(state_dir, STATE_FILE), "w") as f:
+    with _private_file(os.path.join(state_dir, STATE_FILE)) as f:
         json.dump(state, f, indent=2)
-    with open(os.path.join(state_dir, "env"), "w") as f:
-        for k, v in {**env, "DRMERGE_API_URL": state["api_url"]}.items():
+    with _private_file(os.path.join(state_dir, "env")) as f:
+        for k, v in {**env, "DRMERGE_API_URL": state["api_url"], "DRMERGE_API_KEY": api_key}.items():
             f.write(f"export {k}={v}\n")
     print(f"dev stack up in {time.monotonic() - t0:.1f}s", file=out)
     _print_stack(state, out)
     return run_demo(state, out=out) if demo else 0
 
 
+def _create_dev_key(redis_url: str, pepper: str) -> str:
+    from service.keys import KeyStore
+    from service.settings import Settings
+
+    keys = KeyStore.from_settings(Settings(redis_url=redis_url, api_key_pepper=pepper))
+    try:
+        key, _ = keys.create("dev", allow=["*"])
+    finally:
+        keys.r.close()
+    return key
+
+
+def _private_file(path: str):
+    """Open ``path`` for writing, readable by its owner only (it holds keys)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "w")
+
+
 def _print_stack(state: dict, out) -> None:
     rel = os.path.relpath(os.path.dirname(state["processes"]["api"]["log"]))
     print(f"  API       {state['api_url']}   (docs: {state['api_url']}/docs)", file=out)
+    if state.get("api_key"):
+        print(f"  API key   {state['api_key']}   (tenant dev; the client commands here use it)", file=out)
     print(f"  S3        {state['s3_endpoint_url']}   (key {state['aws_access_key_id']})", file=out)
     print(f"  Redis     {state['redis_url']}", file=out)
     print(f"  logs      {rel}/", file=out)
@@ -473,7 +503,7 @@ def run_demo(state: dict, out=sys.stdout) -> int:
         json.dump(request, f, indent=2)
     api = state["api_url"]
     try:
-        with Client(api) as c:
+        with Client(api, api_key=state.get("api_key")) as c:
             job = c.submit(spec, metadata=request["metadata"])
             print(f"submitted merge {job['id']} (POST {api}/v1/merges)", file=out, flush=True)
             job = c.wait(job["id"], poll_s=0.2, on_update=_Bar(stream=sys.stderr))
@@ -491,13 +521,13 @@ def run_demo(state: dict, out=sys.stdout) -> int:
 The merged model is at {job['result']['output']}
 (S3 endpoint {state['s3_endpoint_url']}, credentials in {os.path.relpath(os.path.join(state_dir, 'env'))}).
 
-Try the API:
-  curl -s {api}/v1/merges/{jid}
-  curl -s {api}/v1/merges/{jid}/events
-  curl -s '{api}/v1/merges?status=succeeded&limit=5'
+Try the API (source {os.path.relpath(os.path.join(state_dir, 'env'))} first: it sets DRMERGE_API_KEY):
+  curl -s -H "Authorization: Bearer $DRMERGE_API_KEY" {api}/v1/merges/{jid}
+  curl -s -H "Authorization: Bearer $DRMERGE_API_KEY" {api}/v1/merges/{jid}/events
+  curl -s -H "Authorization: Bearer $DRMERGE_API_KEY" '{api}/v1/merges?status=succeeded&limit=5'
   curl -s {api}/metrics | grep ^drmerge_
   # a new merge (change "output" in the file first, or add "overwrite": true to the spec):
-  curl -s -X POST {api}/v1/merges -H 'content-type: application/json' \\
+  curl -s -X POST {api}/v1/merges -H "Authorization: Bearer $DRMERGE_API_KEY" -H 'content-type: application/json' \\
        -H "Idempotency-Key: $(uuidgen 2>/dev/null || date +%s%N)" -d @{os.path.relpath(request_path)}
 Or the CLI (source {os.path.relpath(os.path.join(state_dir, 'env'))} first, or run from this directory):
   drmerge jobs

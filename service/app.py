@@ -16,7 +16,10 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from . import problems
+from .auth import AuthMiddleware
 from .jobstore import JobStore
+from .keys import AsyncKeyLookup
+from .limits import BodyLimitMiddleware
 from .metrics import RedisCollector
 from .reaper import Reaper
 from .routes import health, merges
@@ -38,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     store = JobStore.from_url(settings.redis_url, prefix=settings.key_prefix,
                               idempotency_ttl_s=settings.idempotency_ttl_s)
+    key_lookup = _key_lookup(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -52,6 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reaper.stop()
             if deliverer is not None:
                 deliverer.stop()
+            if key_lookup is not None:
+                await key_lookup.close()
 
     app = FastAPI(title="drmerge", version=_version(), description=DESCRIPTION, lifespan=lifespan,
                   docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json")
@@ -66,9 +72,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry.register(RedisCollector(store, broker, settings.queue, settings.worker_heartbeat_ttl_s))
     app.state.registry = registry
     problems.install(app)
+    # Outermost first: the key is checked before the body is even read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       problem_type_base=settings.problem_type_base)
+    app.add_middleware(AuthMiddleware, lookup=key_lookup, problem_type_base=settings.problem_type_base)
     app.include_router(merges.router)
     app.include_router(health.router)
     return app
+
+
+def _key_lookup(settings: Settings) -> AsyncKeyLookup | None:
+    if settings.auth == "disabled":
+        log.warning("DRMERGE_AUTH=disabled: every request is tenant 'default' with access to any storage; "
+                    "never expose this API")
+        return None
+    if settings.api_key_pepper is None:
+        raise RuntimeError("DRMERGE_AUTH=required (the default) needs DRMERGE_API_KEY_PEPPER, a secret of at "
+                           "least 16 characters (e.g. `openssl rand -hex 32`); or set DRMERGE_AUTH=disabled for "
+                           "a local, single-user API")
+    import redis.asyncio
+
+    # A blocking pool: a burst of concurrent requests waits for one of 64 connections (a
+    # lookup holds one for well under a millisecond) instead of failing with "Too many
+    # connections", which the default pool (100, then errors) does under load.
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=64, timeout=20, decode_responses=True, socket_timeout=10,
+        socket_connect_timeout=3, health_check_interval=30)
+    client = redis.asyncio.Redis(connection_pool=pool)
+    return AsyncKeyLookup(client, settings.key_prefix, settings.api_key_pepper.get_secret_value().encode())
 
 
 def _version() -> str:

@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the objects one app instance shares (built in app.create_app)."""
+"""FastAPI dependencies: the objects one app instance shares (built in app.create_app).
+
+``async def`` on purpose: FastAPI runs a plain ``def`` dependency in the thread pool, so
+each would cost a thread hand-off per request (several per request, under load most of
+an endpoint's overhead); these only read attributes and never block."""
 
 from __future__ import annotations
 
@@ -8,13 +12,13 @@ from .jobstore import JobStore
 from .settings import Settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_celery(request: Request):
+async def get_celery(request: Request):
     return request.app.state.celery

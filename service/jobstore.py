@@ -14,7 +14,11 @@ Redis layout (``{p}`` is ``settings.key_prefix``)::
     {p}:jobs              zset    every job id, all scores 0: ids sort by time (ULID), so
                                   ZREVRANGEBYLEX lists newest first and ``after`` is a cursor
     {p}:jobs:{status}     zset    the same, one per status (listing filter, metrics)
-    {p}:idem:{key}        string  {"job_id", "body_sha256"}, expires after idempotency_ttl_s
+    {p}:idem:{hash}       string  {"job_id", "body_sha256"}, expires after idempotency_ttl_s;
+                                  hash = sha256(tenant, key): each tenant has its own keys
+    {p}:tenant:{t}:jobs   zset    the ids of tenant t's jobs (as {p}:jobs: listing per tenant)
+    {p}:tenant:{t}:queued zset    ids of t's jobs that were queued when last looked at
+                                  (pruned on each submit; the per-tenant queue quota)
     {p}:outputs           hash    output URI -> id of the active job writing it
     {p}:webhooks:due      zset    job id -> unix time its next webhook attempt is due
     {p}:workers           zset    worker name -> unix time of its last heartbeat
@@ -144,6 +148,13 @@ class OutputBusy(JobStoreError):
         self.output, self.job_id = output, job_id
 
 
+class QuotaExceeded(JobStoreError):
+    def __init__(self, tenant: str, queued: int):
+        super().__init__(f"tenant {tenant!r} already has {queued} queued jobs, the most allowed; "
+                         "retry when some have started")
+        self.tenant, self.queued = tenant, queued
+
+
 class StaleAttempt(JobStoreError):
     """A worker acted on a job attempt that another worker has since claimed."""
 
@@ -176,6 +187,7 @@ class Job:
     shards: list = field(default_factory=list)  # the resume journal (see the module docstring)
     handoffs: int = 0
     cleanup: str | None = None
+    tenant: str = "default"
 
     @classmethod
     def from_hash(cls, h: dict) -> "Job":
@@ -196,6 +208,7 @@ class Job:
             cancel_requested_at=num("cancel_requested_at"), enqueued_at=num("enqueued_at"),
             heartbeat_at=num("heartbeat_at"), shards=js("shards") or [], handoffs=int(h.get("handoffs") or 0),
             cleanup=h.get("cleanup") or None,
+            tenant=h.get("tenant") or "default",
         )
 
     @property
@@ -285,8 +298,12 @@ redis.call('LTRIM', KEYS[2], -tonumber(ARGV[9]), -1)
 return {'ok', cur}
 """
 
-# KEYS: 1 job, 2 events, 3 all jobs, 4 queued, 5 outputs, 6 idempotency key (may be unused)
-# ARGV: 1 id, 2 fields json, 3 output, 4 use idem (0/1), 5 body hash, 6 idem ttl, 7 event json
+# KEYS: 1 job, 2 events, 3 all jobs, 4 queued, 5 outputs, 6 idempotency key (may be unused),
+#       7 tenant's jobs, 8 tenant's queued
+# ARGV: 1 id, 2 fields json, 3 output, 4 use idem (0/1), 5 body hash, 6 idem ttl, 7 event json,
+#       8 most queued jobs of the tenant (0: no limit), 9 job key prefix
+# The quota count reads the job hashes of the tenant's queued set by name (not KEYS):
+# fine on a single Redis, which is what the service runs on.
 _CREATE_LUA = """
 if ARGV[4] == '1' then
   local prev = redis.call('GET', KEYS[6])
@@ -298,6 +315,17 @@ if ARGV[4] == '1' then
 end
 local holder = redis.call('HGET', KEYS[5], ARGV[3])
 if holder then return {'output_busy', holder} end
+local maxq = tonumber(ARGV[8])
+if maxq > 0 then
+  local n = 0
+  for _, qid in ipairs(redis.call('ZRANGE', KEYS[8], 0, -1)) do
+    if redis.call('HGET', ARGV[9] .. qid, 'status') == 'queued' then n = n + 1
+    else redis.call('ZREM', KEYS[8], qid) end
+  end
+  if n >= maxq then return {'quota', tostring(n)} end
+  redis.call('ZADD', KEYS[8], 0, ARGV[1])
+end
+redis.call('ZADD', KEYS[7], 0, ARGV[1])
 local fields = cjson.decode(ARGV[2])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('HSET', KEYS[1], 'event_seq', 1)
@@ -428,6 +456,9 @@ class JobStore:
     def k_index(self, status: str | None = None) -> str:
         return f"{self.p}:jobs" if status is None else f"{self.p}:jobs:{status}"
 
+    def k_tenant(self, tenant: str, what: str = "jobs") -> str:
+        return f"{self.p}:tenant:{tenant}:{what}"
+
     @property
     def k_outputs(self) -> str:
         return f"{self.p}:outputs"
@@ -451,43 +482,50 @@ class JobStore:
     # --- create and read ----------------------------------------------------------------
     def create(self, spec: dict, output: str, *, metadata: dict | None = None, webhook: dict | None = None,
                idempotency_key: str | None = None, request_hash: str | None = None,
-               now: float | None = None) -> tuple[Job, bool]:
-        """Store a new queued job. Returns (job, created); created is False when the
-        idempotency key was seen before with the same body (the earlier job comes back).
+               now: float | None = None, tenant: str = "default", max_queued: int = 0) -> tuple[Job, bool]:
+        """Store a new queued job of ``tenant``. Returns (job, created); created is False
+        when the tenant used the idempotency key before with the same body (the earlier
+        job comes back).
 
-        Raises IdempotencyConflict (same key, other body) or OutputBusy (an active job
-        already writes to ``output``: two merges into one prefix would interleave shards).
+        Raises IdempotencyConflict (same key, other body), OutputBusy (an active job
+        already writes to ``output``: two merges into one prefix would interleave shards)
+        or QuotaExceeded (the tenant has ``max_queued`` queued jobs; 0 means no limit).
         """
         now = time.time() if now is None else now
         job_id = new_job_id(now)
         fields = {"id": job_id, "status": "queued", "created_at": repr(now), "updated_at": repr(now),
                   "spec": json.dumps(spec), "metadata": json.dumps(metadata or {}), "output": output,
-                  "attempts": "0"}
+                  "attempts": "0", "tenant": tenant}
         if webhook:
             fields["webhook"] = json.dumps(webhook)
         if idempotency_key:
             fields["idempotency_key"] = idempotency_key
         ev = _event("status", "job created", now, to="queued")
         ev["id"] = 1
-        idem_key = f"{self.p}:idem:{hashlib.sha256(idempotency_key.encode()).hexdigest()}" if idempotency_key \
-            else f"{self.p}:idem:-"
+        idem_key = f"{self.p}:idem:-"
+        if idempotency_key:
+            scoped = f"{tenant}\n{idempotency_key}".encode()
+            idem_key = f"{self.p}:idem:{hashlib.sha256(scoped).hexdigest()}"
         res = self._create(
             keys=[self.k_job(job_id), self.k_events(job_id), self.k_index(), self.k_index("queued"),
-                  self.k_outputs, idem_key],
+                  self.k_outputs, idem_key, self.k_tenant(tenant), self.k_tenant(tenant, "queued")],
             args=[job_id, json.dumps(fields), output, "1" if idempotency_key else "0", request_hash or "",
-                  self.idempotency_ttl_s, json.dumps(ev)])
+                  self.idempotency_ttl_s, json.dumps(ev), int(max_queued), f"{self.p}:job:"])
         kind, ref = res
         if kind == "replay":
             job = self.get(ref)
             if job is None:  # the job record was removed; the key is stale
                 self.r.delete(idem_key)
                 return self.create(spec, output, metadata=metadata, webhook=webhook,
-                                   idempotency_key=idempotency_key, request_hash=request_hash, now=now)
+                                   idempotency_key=idempotency_key, request_hash=request_hash, now=now,
+                                   tenant=tenant, max_queued=max_queued)
             return job, False
         if kind == "idem_conflict":
             raise IdempotencyConflict(idempotency_key, ref)
         if kind == "output_busy":
             raise OutputBusy(output, ref)
+        if kind == "quota":
+            raise QuotaExceeded(tenant, int(ref))
         return self.get(job_id), True
 
     def get(self, job_id: str) -> Job | None:
@@ -502,11 +540,17 @@ class JobStore:
             raise JobNotFound(job_id)
         return job
 
-    def list(self, status: str | None = None, limit: int = 20, after: str | None = None) -> tuple[list[Job], bool]:
-        """Newest first; ``after`` is the id of the last job of the previous page.
-        Returns (jobs, has_more)."""
+    def list(self, status: str | None = None, limit: int = 20, after: str | None = None,
+             tenant: str | None = None) -> tuple[list[Job], bool]:
+        """Newest first; ``after`` is the id of the last job of the previous page;
+        ``tenant`` limits it to that tenant's jobs. Returns (jobs, has_more)."""
         start = f"({after}" if after else "+"
-        ids = self.r.zrevrangebylex(self.k_index(status), start, "-", start=0, num=limit + 1)
+        if tenant is None:
+            ids = self.r.zrevrangebylex(self.k_index(status), start, "-", start=0, num=limit + 1)
+        elif status is None:
+            ids = self.r.zrevrangebylex(self.k_tenant(tenant), start, "-", start=0, num=limit + 1)
+        else:
+            ids = self._intersect(self.k_tenant(tenant), self.k_index(status), after, limit + 1)
         has_more = len(ids) > limit
         ids = ids[:limit]
         pipe = self.r.pipeline(transaction=False)
@@ -514,6 +558,30 @@ class JobStore:
             pipe.hgetall(self.k_job(i))
         jobs = [Job.from_hash(h) for h in pipe.execute() if h]
         return jobs, has_more
+
+    def _intersect(self, a: str, b: str, after: str | None, n: int, batch: int = 256) -> list[str]:
+        """The first ``n`` ids (newest first, older than ``after``) in both index a and
+        b: walks the smaller one and checks membership in the other, so a tenant's
+        status filter costs at most the size of the smaller index."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(a)
+        pipe.zcard(b)
+        size_a, size_b = pipe.execute()
+        walk, other = (a, b) if size_a <= size_b else (b, a)
+        out: list[str] = []
+        cursor = after
+        while len(out) < n:
+            ids = self.r.zrevrangebylex(walk, f"({cursor}" if cursor else "+", "-", start=0, num=batch)
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.zscore(other, i)
+            out += [i for i, score in zip(ids, pipe.execute()) if score is not None]
+            cursor = ids[-1]
+            if len(ids) < batch:
+                break
+        return out[:n]
 
     def counts(self) -> dict[str, int]:
         pipe = self.r.pipeline(transaction=False)

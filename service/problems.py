@@ -6,7 +6,10 @@ null). Clients branch on ``code``; ``detail`` is for people.
 
 Codes beyond the engine's (drmerge.errors.CODES): ``invalid_request``, ``not_found``,
 ``method_not_allowed``, ``idempotency_key_reused``, ``job_not_cancellable``,
-``output_busy``, ``unavailable``.
+``output_busy``, ``unavailable``, and for access control and limits ``unauthorized``
+(401), ``payload_too_large`` (413) and ``quota_exceeded`` (429). The engine's
+``access_denied`` is also an HTTP answer (403: a spec names storage outside the key's
+allow list).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ TITLES = {
     "job_not_cancellable": "Job cannot be cancelled",
     "output_busy": "Output is being written by another job",
     "unavailable": "Service unavailable",
+    "unauthorized": "Missing or invalid API key",
+    "access_denied": "Access denied",
+    "payload_too_large": "Request body too large",
+    "quota_exceeded": "Too many queued jobs",
     "internal_error": "Internal error",
 }
 
@@ -48,9 +55,14 @@ class Problem(Exception):
 def problem_response(request: Request, status: int, code: str, detail: str, param: str | None = None,
                      headers: dict | None = None, **extra) -> JSONResponse:
     base = getattr(request.app.state, "problem_type_base", "https://drmerge.dev/problems/")
+    return make_problem(base, request.url.path, status, code, detail, param, headers, **extra)
+
+
+def make_problem(base: str, path: str, status: int, code: str, detail: str, param: str | None = None,
+                 headers: dict | None = None, **extra) -> JSONResponse:
+    """A problem+json response without a Request (ASGI middleware answers with it)."""
     body = {"type": base + code, "title": TITLES.get(code, code.replace("_", " ").capitalize()),
-            "status": status, "detail": detail, "code": code, "param": param,
-            "instance": request.url.path}
+            "status": status, "detail": detail, "code": code, "param": param, "instance": path}
     body.update(extra)
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 

@@ -13,6 +13,45 @@ from pydantic import BaseModel, ConfigDict, Field
 Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
+def _spec_schema() -> dict:
+    """The spec's shape for the OpenAPI document (clients, docs and the fuzzer read it).
+    Documentation only: ``drmerge.spec.parse_spec`` is what validates, with the same
+    rules as the CLI; built from its constants so the two cannot drift apart."""
+    from drmerge import spec as s
+
+    location = {"type": "string", "minLength": 6, "maxLength": 1024,
+                "pattern": r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
+                "description": "s3://bucket/prefix/ (a folder of safetensors files)."}
+    fraction = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
+    patterns = {"type": "array", "maxItems": s.MAX_PATTERNS,
+                "items": {"type": "string", "maxLength": s.MAX_PATTERN_LENGTH}}
+    return {
+        "type": "object", "additionalProperties": False, "required": ["models", "output"],
+        "properties": {
+            "base_model": {**location, "description": "The pre-trained model (required except for `linear`)."},
+            "models": {"type": "array", "minItems": 1, "maxItems": 16, "items": {"anyOf": [location, {
+                "type": "object", "additionalProperties": False, "required": ["model"],
+                "properties": {"model": location, "weight": {"type": "number"}}}]}},
+            "method": {"enum": list(s.METHODS), "default": "drm"},
+            "parameters": {"type": "object", "additionalProperties": False, "properties": {
+                "direction": {"enum": list(s.DIRECTIONS)}, "drop_rate": fraction, "rank_threshold": fraction,
+                "nonlinear_drop_rate": fraction, "scale": {"type": "number"},
+                "density": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                "sign_election": {"type": "boolean"}, "disjoint_mean": {"type": "boolean"},
+                "renormalize": {"type": "boolean"}}},
+            "select": {"type": "object", "additionalProperties": False,
+                       "properties": {"linear": patterns, "exclude": patterns, "ignore": patterns}},
+            "dtype": {"enum": list(s.DTYPES)},
+            "shard_size": {"anyOf": [{"type": "integer", "minimum": 1024}, {"type": "string", "maxLength": 32}]},
+            "overwrite": {"type": "boolean"},
+            "output_format": {"enum": list(s.OUTPUT_FORMATS)},
+            "adapter_rank": {"type": "integer", "minimum": 1, "maximum": 65536},
+            "output": {**location, "description": "Where the merged checkpoint goes (must not exist, unless "
+                                                  "`overwrite`)."},
+        },
+    }
+
+
 class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str = Field(..., max_length=2048, description="http(s) URL that receives a POST on the job's terminal state.",
@@ -29,7 +68,8 @@ class MergeRequest(BaseModel):
                  "method": "drm", "parameters": {"direction": "vertical", "drop_rate": 0.8},
                  "output": "s3://models/merged/run-42/"},
         "metadata": {"team": "nlp", "run": "42"}}]})
-    spec: dict[str, Any] = Field(..., description="The merge spec (DESIGN.md section 4); unknown keys are errors.")
+    spec: dict[str, Any] = Field(..., description="The merge spec (DESIGN.md section 4); unknown keys are errors.",
+                                 json_schema_extra=_spec_schema())
     webhook: WebhookIn | None = None
     metadata: dict[str, str] = Field(default_factory=dict,
                                      description="Your key/values, returned with the job (at most 16; "
@@ -128,8 +168,17 @@ class ProblemDetail(BaseModel):
     instance: str | None = None
 
 
-PROBLEM_RESPONSES: dict = {
-    code: {"model": ProblemDetail, "content": {"application/problem+json": {}}, "description": desc}
-    for code, desc in {404: "Unknown job (`not_found`)", 422: "Invalid request (`invalid_spec`, `invalid_request`)",
-                       503: "Redis or the broker is unreachable (`unavailable`)"}.items()
-}
+def _problems(descriptions: dict) -> dict:
+    return {code: {"model": ProblemDetail, "content": {"application/problem+json": {}}, "description": desc}
+            for code, desc in descriptions.items()}
+
+
+PROBLEM_RESPONSES: dict = _problems({
+    401: "No API key, or an invalid or revoked one (`unauthorized`)",
+    404: "Unknown job, or another tenant's (`not_found`)",
+    422: "Invalid request (`invalid_spec`, `invalid_request`)",
+    503: "Redis or the broker is unreachable (`unavailable`)"})
+SUBMIT_PROBLEM_RESPONSES: dict = _problems({
+    403: "The spec names storage outside the key's allow list (`access_denied`)",
+    413: "The request body is too large (`payload_too_large`)",
+    429: "The tenant has too many queued jobs (`quota_exceeded`; see Retry-After)"})

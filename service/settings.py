@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="Interface `drmerge api` listens on.")
     api_port: int = Field(8000, description="Port `drmerge api` listens on.")
     api_workers: int = Field(1, description="uvicorn worker processes started by `drmerge api`.")
+    api_keep_alive_s: int = Field(
+        75, description="Idle keep-alive connections of `drmerge api` close after this; keep it above your load "
+                        "balancer's idle timeout.")
     broker_url: str | None = Field(None, description="Celery broker; unset means `redis_url`.")
     queue: str = Field("drmerge", description="Celery queue the merge tasks go to.")
     key_prefix: str = Field("drmerge", description="Prefix of every Redis key the job store writes.")
@@ -56,8 +59,49 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(3600.0, description="Cap on the delay between two retries.")
     webhook_poll_s: float = Field(1.0, description="How often the delivery loop looks for due webhooks.")
     api_deliver_webhooks: bool = Field(True, description="Run a webhook delivery loop in each API process (workers run one too).")
-    webhook_allow_private: bool = Field(
-        True, description="Allow webhook URLs on loopback/private addresses (turn off in multi-tenant deployments).")
+    webhook_allow_http_loopback: bool = Field(
+        False, description="Allow `http://` webhook URLs (and addresses) on loopback, for local receivers; "
+                           "every other webhook must be `https://`.")
+    webhook_allowed_networks: str | None = Field(
+        None, description="Comma-separated CIDRs that webhooks may reach although they are not public "
+                        "(e.g. `10.20.0.0/16`); cloud metadata addresses stay refused.")
+
+    # Access control and limits (service/auth.py, service/keys.py, service/limits.py).
+    auth: str = Field("required", description="`required`: every /v1 request needs an API key; `disabled`: "
+                                              "no keys, one tenant (`default`) with any storage location (dev only).")
+    api_key_pepper: SecretStr | None = Field(
+        None, description="Secret mixed into the HMAC-SHA256 that stores API keys; required when auth is "
+                          "required (changing it invalidates every key).")
+    max_body_bytes: int = Field(1048576, description="Largest request body; larger is 413 `payload_too_large`.")
+    max_models: int = Field(16, description="Most models (`spec.models`) in one job.")
+    max_spec_string_length: int = Field(1024, description="Longest string anywhere in a spec (URIs, patterns).")
+    max_queued_per_tenant: int = Field(
+        100, description="Most queued jobs per tenant; more is 429 `quota_exceeded` (0: no limit).")
+
+    @field_validator("auth")
+    @classmethod
+    def _auth(cls, v: str) -> str:
+        if v not in ("required", "disabled"):
+            raise ValueError("must be required or disabled")
+        return v
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, v: str | None) -> str | None:
+        import ipaddress
+
+        for item in filter(None, (x.strip() for x in (v or "").split(","))):
+            ipaddress.ip_network(item, strict=False)  # ValueError names the bad one
+        return v
+
+    @field_validator("api_key_pepper")
+    @classmethod
+    def _pepper(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            return None  # an empty variable is an unset one
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return v
 
     @field_validator("worker_device")
     @classmethod

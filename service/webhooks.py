@@ -19,22 +19,18 @@ import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import random
-import socket
 import threading
 import time
-from urllib.parse import urlsplit
 
 import httpx
 
 from .jobstore import JobStore, iso
+from .netguard import Policy, WebhookURLError, check_webhook_url
 
 log = logging.getLogger("drmerge.webhooks")
-
-MAX_URL_LENGTH = 2048
 
 
 def signing_key(secret: str) -> bytes:
@@ -64,24 +60,13 @@ def verify(secret: str, headers, body: bytes, tolerance_s: int = 300, now: float
     return any(hmac.compare_digest(expected, s) for s in sigs)
 
 
-def check_url(url: str, allow_private: bool) -> str | None:
-    """Why ``url`` cannot receive webhooks, or None if it can."""
-    if len(url) > MAX_URL_LENGTH:
-        return f"must be at most {MAX_URL_LENGTH} characters"
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an absolute http:// or https:// URL"
-    if parts.username or parts.password:
-        return "must not carry credentials; use webhook.secret to authenticate deliveries"
-    if not allow_private:
-        try:
-            infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-        except OSError:
-            return f"host {parts.hostname!r} does not resolve"
-        for info in infos:
-            addr = ipaddress.ip_address(info[4][0])
-            if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast:
-                return f"host {parts.hostname!r} resolves to a private address, which this service does not call"
+def check_url(url: str, settings, resolver=None) -> str | None:
+    """Why ``url`` cannot receive webhooks under ``settings``, or None if it can
+    (service.netguard has the rules)."""
+    try:
+        check_webhook_url(url, Policy.from_settings(settings), resolver)
+    except WebhookURLError as e:
+        return str(e)
     return None
 
 
@@ -96,11 +81,16 @@ class WebhookDeliverer:
     """Claims due deliveries from the job store and POSTs them. ``deliver_due`` does one
     pass (tests call it directly); ``start`` runs passes in a daemon thread."""
 
-    def __init__(self, store: JobStore, settings, client: httpx.Client | None = None):
+    def __init__(self, store: JobStore, settings, client: httpx.Client | None = None, resolver=None):
         self.store = store
         self.settings = settings
+        self.policy = Policy.from_settings(settings)
+        self.resolver = resolver  # None: the system resolver (tests inject answers)
+        # No redirects (a 3xx is a failed attempt: following one would skip the address
+        # check) and no proxies from the environment (the checked address is the one we
+        # connect to).
         self.client = client or httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False,
-                                             headers={"user-agent": "drmerge-webhooks/1"})
+                                             trust_env=False, headers={"user-agent": "drmerge-webhooks/1"})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -136,12 +126,17 @@ class WebhookDeliverer:
             headers["webhook-signature"] = sign(secret, msg_id, ts, body)
         error = None
         gone = False
-        problem = check_url(job.webhook["url"], self.settings.webhook_allow_private)
-        if problem:
-            error, gone = f"url {problem}", True
-        else:
+        try:
+            # Checked again now, not only at submit: DNS may answer differently today.
+            target = check_webhook_url(job.webhook["url"], self.policy, self.resolver)
+        except WebhookURLError as e:
+            target = None
+            error, gone = f"url {e}", not e.unresolved  # a refused address never becomes acceptable
+        if target is not None:
+            headers["host"] = target.host_header
             try:
-                resp = self.client.post(job.webhook["url"], content=body, headers=headers)
+                resp = self.client.post(target.url, content=body, headers=headers,
+                                        extensions={"sni_hostname": target.hostname})
                 if 200 <= resp.status_code < 300:
                     error = None
                 else:

@@ -77,9 +77,23 @@ class ServiceStack:
     env: dict
     settings: object  # service.settings.Settings of the processes
     store: object  # service.jobstore.JobStore on the same Redis/prefix, for inspection
-    http: object  # httpx.Client with base_url=api_url
+    http: object  # httpx.Client with base_url=api_url, authenticated with api_key
     log_dir: str
     worker_name: str | None = None
+    keys: object = None  # service.keys.KeyStore of the stack (create and revoke keys)
+    api_key: str | None = None  # a key of tenant `tenant` that may use any S3 location
+    tenant: str = "tests"
+
+    def client(self, key: str | None = None, **kw):
+        """Another httpx client for this API: with ``key`` as bearer token, or none."""
+        import httpx
+
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.api_url, timeout=30, headers=headers, **kw)
+
+    def new_key(self, tenant: str, allow=("*",), allow_read=()) -> str:
+        key, _ = self.keys.create(tenant, allow=allow, allow_read=allow_read)
+        return key
 
     def submit(self, spec: dict, headers: dict | None = None, **body) -> dict:
         r = self.http.post("/v1/merges", json={"spec": spec, **body}, headers=headers or {})
@@ -119,8 +133,11 @@ def _make_stack(redis_server, s3_server, log_dir, *, with_worker: bool, **overri
     from service.jobstore import JobStore
     from service.settings import Settings
 
+    from service.keys import KeyStore
+
     prefix = f"t{uuid.uuid4().hex[:10]}"
-    settings_kw = dict(SERVICE_TEST_SETTINGS, key_prefix=prefix, queue=f"{prefix}-merges", **overrides)
+    settings_kw = dict(SERVICE_TEST_SETTINGS, key_prefix=prefix, queue=f"{prefix}-merges",
+                       api_key_pepper=f"pepper-{uuid.uuid4().hex}", **overrides)
     env = service_env(redis_server.url, s3_server.env(), **settings_kw)
     # One BLAS/OpenMP thread: on a busy 2-core CI box, spinning OpenMP threads make tiny
     # merges ten times slower, and these tests are about the service, not throughput.
@@ -137,8 +154,12 @@ def _make_stack(redis_server, s3_server, log_dir, *, with_worker: bool, **overri
         _stop_all(procs)
         raise
     store = JobStore.from_url(redis_server.url, prefix=prefix)
-    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    return ServiceStack(f"http://127.0.0.1:{port}", env, settings, store, http, str(log_dir), worker_name), procs
+    keys = KeyStore.from_settings(settings)
+    api_key, _ = keys.create("tests", allow=["*"])
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                        headers={"authorization": f"Bearer {api_key}"})
+    return ServiceStack(f"http://127.0.0.1:{port}", env, settings, store, http, str(log_dir), worker_name,
+                        keys=keys, api_key=api_key), procs
 
 
 def _stop_all(procs) -> None:
@@ -150,8 +171,10 @@ def _stop_all(procs) -> None:
 
 @pytest.fixture(scope="session")
 def service_stack(redis_server, s3_server, tmp_path_factory):
-    """API + one Celery worker (``drmerge worker``, solo pool) as real processes."""
-    stack, procs = _make_stack(redis_server, s3_server, tmp_path_factory.mktemp("stack"), with_worker=True)
+    """API + one Celery worker (``drmerge worker``, solo pool) as real processes. Its
+    webhook tests use a loopback http receiver, which the operator setting allows here."""
+    stack, procs = _make_stack(redis_server, s3_server, tmp_path_factory.mktemp("stack"), with_worker=True,
+                               webhook_allow_http_loopback=True)
     yield stack
     stack.http.close()
     _stop_all(procs)
@@ -162,7 +185,26 @@ def idle_stack(redis_server, s3_server, tmp_path_factory):
     """An API whose queue no worker consumes: jobs stay queued (listing, idempotency,
     validation, cancelling queued jobs)."""
     stack, procs = _make_stack(redis_server, s3_server, tmp_path_factory.mktemp("idle"), with_worker=False,
-                               webhook_secret="whsec_" + "c2VjcmV0LWZvci10ZXN0cw==")
+                               webhook_secret="whsec_" + "c2VjcmV0LWZvci10ZXN0cw==", webhook_allow_http_loopback=True)
+    yield stack
+    stack.http.close()
+    _stop_all(procs)
+
+
+STRICT_LIMITS = dict(max_body_bytes=65536, max_models=4, max_spec_string_length=300, max_queued_per_tenant=3)
+
+
+@pytest.fixture(scope="session")
+def strict_stack(redis_server, s3_server, tmp_path_factory):
+    """An API (no worker) with production webhook rules (https to public addresses only),
+    small limits (``STRICT_LIMITS``) and a local root (``stack.local_root``) that keys
+    allowed any location may use. Tests here make a fresh tenant each, so queue quotas
+    never collide."""
+    root = tmp_path_factory.mktemp("local-root")
+    stack, procs = _make_stack(redis_server, s3_server, tmp_path_factory.mktemp("strict"), with_worker=False,
+                               allow_local_root=str(root), webhook_secret="strict-stack-signing-secret",
+                               **STRICT_LIMITS)
+    stack.local_root = str(root)
     yield stack
     stack.http.close()
     _stop_all(procs)

@@ -45,7 +45,8 @@ class Stack:
 
         self.prefix = f"r{uuid.uuid4().hex[:10]}"
         self.log_dir = str(log_dir)
-        kw = dict(SERVICE_TEST_SETTINGS, key_prefix=self.prefix, queue=f"{self.prefix}-merges")
+        kw = dict(SERVICE_TEST_SETTINGS, key_prefix=self.prefix, queue=f"{self.prefix}-merges",
+                  api_key_pepper=f"pepper-{uuid.uuid4().hex}")
         kw.update(overrides)
         endpoint = s3_endpoint_url or s3_server.endpoint_url
         self.env = service_env(redis_url, s3_server.env(), **kw)
@@ -57,7 +58,12 @@ class Stack:
         self.api_proc = None
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}"
-        self.http = httpx.Client(base_url=self.api_url, timeout=30)
+        from service.keys import KeyStore
+
+        self.keys = KeyStore.from_settings(self.settings)
+        self.api_key, _ = self.keys.create("reliability", allow=["*"])
+        self.http = httpx.Client(base_url=self.api_url, timeout=30,
+                                 headers={"authorization": f"Bearer {self.api_key}"})
         if api:
             self.start_api()
 
@@ -99,6 +105,7 @@ class Stack:
         except Exception:
             pass
         self.store.r.close()
+        self.keys.r.close()
 
     def log_tail(self, n: int = 6000) -> str:
         out = []

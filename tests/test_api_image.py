@@ -54,7 +54,7 @@ def test_api_image_environment_serves(tmp_path, redis_server, s3_server):
                PYTHONUNBUFFERED="1", XDG_CACHE_HOME=str(tmp_path / "cache"),
                DRMERGE_API_HOST="127.0.0.1", DRMERGE_API_PORT=str(port),
                DRMERGE_REDIS_URL=redis_server.url, DRMERGE_S3_ENDPOINT_URL=s3_server.endpoint_url,
-               DRMERGE_KEY_PREFIX="apiimage")
+               DRMERGE_KEY_PREFIX="apiimage", DRMERGE_API_KEY_PEPPER="image-test-pepper-0123456789")
     home = tmp_path / "home"
     home.mkdir()
     log = open(tmp_path / "api.log", "wb")

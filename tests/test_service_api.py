@@ -87,10 +87,10 @@ def test_invalid_specs_are_422_invalid_spec_with_param(idle_stack, body, param):
     ({"spec": spec(), "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ({"spec": spec(), "metadata": {"k": "v" * 513}}, "metadata.k"),
     ({"spec": spec(), "webhook": {"url": "ftp://x.example/h"}}, "webhook.url"),
-    ({"spec": spec(), "webhook": {"url": "https://x.example/h", "secret": "short"}}, "webhook.secret"),
-    ({"spec": spec(), "webhook": {"url": "https://x.example/h", "secret": "whsec_###notbase64###"}},
+    ({"spec": spec(), "webhook": {"url": "http://127.0.0.1:9/h", "secret": "short"}}, "webhook.secret"),
+    ({"spec": spec(), "webhook": {"url": "http://127.0.0.1:9/h", "secret": "whsec_###notbase64###"}},
      "webhook.secret"),
-    ({"spec": spec(), "webhook": {"url": "https://x.example/h", "sekret": "x" * 10}}, "webhook.sekret"),
+    ({"spec": spec(), "webhook": {"url": "http://127.0.0.1:9/h", "sekret": "x" * 10}}, "webhook.sekret"),
 ])
 def test_invalid_requests_are_422_invalid_request(idle_stack, body, param):
     assert_problem(idle_stack.http.post("/v1/merges", json=body), 422, "invalid_request", param)
@@ -205,8 +205,8 @@ def test_cancel_a_finished_job_is_409(idle_stack):
 
 def test_webhook_secret_is_write_only(idle_stack):
     secret = "whsec_" + "bXktdmVyeS1zZWNyZXQta2V5"
-    job = idle_stack.submit(spec(), webhook={"url": "https://hooks.example.com/x", "secret": secret})
-    assert job["webhook"] == {"url": "https://hooks.example.com/x", "status": "waiting", "attempts": 0,
+    job = idle_stack.submit(spec(), webhook={"url": "http://127.0.0.1:9/x", "secret": secret})
+    assert job["webhook"] == {"url": "http://127.0.0.1:9/x", "status": "waiting", "attempts": 0,
                               "last_error": None, "delivered_at": None}
     for r in (idle_stack.http.get(f"/v1/merges/{job['id']}"), idle_stack.http.get("/v1/merges?limit=100"),
               idle_stack.http.get(f"/v1/merges/{job['id']}/events")):
@@ -255,9 +255,12 @@ def test_redis_outage_is_503_unavailable(s3_server, tmp_path):
 
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     port = free_port()
-    api = start_api(service_env(dead, s3_server.env(), queue="nowhere"), port, str(tmp_path / "api.log"))
+    api = start_api(service_env(dead, s3_server.env(), queue="nowhere", api_key_pepper="p" * 32), port,
+                    str(tmp_path / "api.log"))
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        # A well-formed key: checking it needs Redis, so the answer is 503, not 401.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                          headers={"authorization": "Bearer drm_" + "k" * 43}) as http:
             assert http.get("/livez").status_code == 200  # alive, just not ready
             r = http.get("/readyz")
             assert r.status_code == 503 and r.json()["checks"]["redis"]["ok"] is False

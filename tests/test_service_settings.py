@@ -23,15 +23,28 @@ def test_every_setting_is_documented_with_its_default():
 def test_environment_overrides_defaults(monkeypatch):
     monkeypatch.setenv("DRMERGE_REDIS_URL", "redis://example:6380/2")
     monkeypatch.setenv("DRMERGE_JOB_TIME_LIMIT_S", "60")
-    monkeypatch.setenv("DRMERGE_WEBHOOK_ALLOW_PRIVATE", "false")
+    monkeypatch.setenv("DRMERGE_WEBHOOK_ALLOW_HTTP_LOOPBACK", "true")
     monkeypatch.setenv("DRMERGE_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
     s = Settings()
     assert s.redis_url == "redis://example:6380/2" and s.celery_broker_url == s.redis_url
-    assert s.job_time_limit_s == 60 and s.webhook_allow_private is False
+    assert s.job_time_limit_s == 60 and s.webhook_allow_http_loopback is True
     assert s.s3_options() == {"region": "us-east-1", "endpoint_url": "http://127.0.0.1:9000"}
 
 
-def test_bad_values_are_refused(monkeypatch):
-    monkeypatch.setenv("DRMERGE_WORKER_DEVICE", "tpu")
+@pytest.mark.parametrize("name, value", [
+    ("DRMERGE_WORKER_DEVICE", "tpu"),
+    ("DRMERGE_AUTH", "optional"),
+    ("DRMERGE_API_KEY_PEPPER", "too-short"),
+    ("DRMERGE_WEBHOOK_ALLOWED_NETWORKS", "10.0.0.0/8, not-a-network"),
+])
+def test_bad_values_are_refused(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_the_pepper_never_shows_in_printed_settings(monkeypatch):
+    monkeypatch.setenv("DRMERGE_API_KEY_PEPPER", "sentinel-pepper-0123456789")
+    s = Settings()
+    assert "sentinel-pepper" not in repr(s) and "sentinel-pepper" not in str(s.model_dump())
+    assert s.api_key_pepper.get_secret_value() == "sentinel-pepper-0123456789"

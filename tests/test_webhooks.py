@@ -23,6 +23,7 @@ class Receiver:
     def __init__(self):
         self.codes: list[int] = []
         self.requests: list[tuple[dict, bytes]] = []
+        self.redirect_to: str | None = None  # sent as Location with every answer
         self.lock = threading.Lock()
         outer = self
 
@@ -33,6 +34,8 @@ class Receiver:
                     outer.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
                     code = outer.codes.pop(0) if outer.codes else 200
                 self.send_response(code)
+                if outer.redirect_to:
+                    self.send_header("location", outer.redirect_to)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -65,8 +68,9 @@ def store(redis_server):
 
 
 def settings(**kw) -> Settings:
+    # The receiver is a loopback http server: the operator setting that allows it is on.
     base = dict(webhook_backoff_base_s=0.05, webhook_backoff_max_s=0.2, webhook_max_attempts=3, webhook_timeout_s=5,
-                webhook_poll_s=0.05)
+                webhook_poll_s=0.05, webhook_allow_http_loopback=True)
     base.update(kw)
     return Settings(**base)
 
@@ -114,11 +118,15 @@ def test_verify_rejects_tampering_stale_timestamps_and_wrong_secrets():
 
 
 def test_url_rules():
-    assert check_url("https://hooks.example.com/x", allow_private=True) is None
-    assert "http" in check_url("ftp://x/y", allow_private=True)
-    assert "credentials" in check_url("https://u:p@example.com/", allow_private=True)
-    assert "private" in check_url("http://127.0.0.1:9/x", allow_private=False)
-    assert check_url("http://127.0.0.1:9/x", allow_private=True) is None
+    public = lambda host, port: ["93.184.215.14"]  # noqa: E731  (no DNS in tests: answer for it)
+    strict, local = Settings(), Settings(webhook_allow_http_loopback=True)
+    assert check_url("https://hooks.example.com/x", strict, public) is None
+    assert "https" in check_url("ftp://x/y", strict, public)
+    assert "https" in check_url("http://hooks.example.com/x", strict, public)
+    assert "credentials" in check_url("https://u:p@example.com/", strict, public)
+    assert "loopback" in check_url("http://127.0.0.1:9/x", strict)
+    assert check_url("http://127.0.0.1:9/x", local) is None
+    # (service.netguard's own tests cover every address class)
 
 
 def test_backoff_doubles_and_is_capped():
