@@ -29,7 +29,7 @@ def test_sigterm_lets_an_in_flight_request_finish(redis_server, s3_server, tmp_p
         body = json.dumps({"spec": {"base_model": "s3://bkt/base/", "models": ["s3://bkt/ft/"],
                                     "output": "s3://bkt/out-shutdown/"}}).encode()
         head = (f"POST /v1/merges HTTP/1.1\r\nHost: 127.0.0.1:{stack.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+                f"Authorization: Bearer {stack.api_key}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
         slow = socket.create_connection(("127.0.0.1", stack.port), timeout=30)
         slow.sendall(head + body[:20])  # a slow client: the request is in flight
         idle = socket.create_connection(("127.0.0.1", stack.port), timeout=30)  # keep-alive, no request
