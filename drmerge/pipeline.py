@@ -454,6 +454,7 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
             size = inputs.reference.storage.size(name)
             if size > MAX_SMALL_FILE_BYTES:
                 plan.warnings.append(f"{name} ({size} bytes) was not copied: larger than {MAX_SMALL_FILE_BYTES} bytes")
+                log.warning(plan.warnings[-1])
                 continue
             data = inputs.reference.storage.read_bytes(name)
             out.write_bytes(name, data)

@@ -331,8 +331,7 @@ class JobRunner:
             engine_log.removeHandler(handler)
         progress = dict(reporter.flush(), stage="done", fraction=1.0, eta_seconds=0.0)
         res = result.to_dict()
-        for w in res.get("warnings") or []:
-            self.store.add_event(job_id, "warning", str(w)[:2000])
+        # Engine warnings already became events through the log handler above.
         message = "succeeded"
         if res.get("resumed"):
             r = res["resumed"]
