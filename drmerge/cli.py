@@ -1,0 +1,136 @@
+"""``drmerge`` command line: engine commands here, service/client commands in cli_service.
+
+Scripts rely on this contract: exit 0 on success; on failure a non-zero exit and a last
+stderr line ``error: <code>: <message>``; with ``--json`` one JSON object on stdout
+(the summary, or ``{"error": {...}}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import MergeError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, sparse lines otherwise)."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.width = stream, width
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, p) -> None:
+        now = time.monotonic()
+        final = p.stage == "done"
+        if not final and now - self.last < (0.1 if self.tty else 5.0):
+            return
+        self.last = now
+        frac = p.tensors_done / p.tensors_total if p.tensors_total else 0.0
+        filled = int(frac * self.width)
+        line = (f"{p.stage:<10} [{'#' * filled}{'.' * (self.width - filled)}] "
+                f"{p.tensors_done}/{p.tensors_total} tensors  {p.bytes_read / 1e6:,.0f} MB read  "
+                f"{p.bytes_written / 1e6:,.0f} MB written  {now - self.started:,.1f}s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _load(path: str, overwrite: bool = False):
+    from .spec import load_spec_file
+
+    spec = load_spec_file(path)
+    return spec.with_overrides(overwrite=True) if overwrite else spec
+
+
+def cmd_merge(args) -> int:
+    from .pipeline import run_merge
+
+    spec = _load(args.spec, args.overwrite)
+    result = run_merge(spec, device=args.device, progress=None if args.json else ProgressBar())
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        print(f"merged {result.tensors} tensors with {spec.method} on {result.device} in {result.seconds:.1f}s")
+        print(f"  read {result.bytes_read / 1e6:,.1f} MB, wrote {result.bytes_written / 1e6:,.1f} MB "
+              f"in {len(result.files)} files")
+        print(f"  output: {result.output}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .pipeline import validate
+
+    spec = _load(args.spec, args.overwrite)
+    report = validate(spec)
+    if args.json:
+        print(json.dumps({"valid": True, **report}))
+    else:
+        for w in report["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(report["kinds"].items()))
+        print(f"valid: {report['tensors']} tensors ({kinds}), {report['shards']} output shard(s), "
+              f"{report['output_bytes'] / 1e6:,.1f} MB out")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="drmerge", description="Merge fine-tuned models with DRM.")
+    parser.add_argument("--version", action="version", version=f"drmerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("merge", help="run a merge described by a YAML or JSON spec")
+    p.add_argument("spec")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing merge at the output")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", action="store_true", help="print a JSON summary (or error) on stdout")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("validate", help="check a spec and its checkpoints without merging")
+    p.add_argument("spec")
+    p.add_argument("--overwrite", action="store_true", help="do not report an existing output as an error")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+    try:
+        from . import cli_service
+    except ImportError:  # service extras not installed: engine commands only
+        cli_service = None
+    if cli_service is not None:
+        cli_service.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MergeError as e:
+        return _fail(args, e.code, e.message, e.param)
+    except KeyboardInterrupt:
+        return _fail(args, "cancelled", "interrupted")
+
+
+def _fail(args, code: str, message: str, param=None) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": code, "message": message, "param": param}}))
+    print(f"error: {code}: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

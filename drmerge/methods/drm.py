@@ -1,0 +1,118 @@
+"""DRM (Decom-Renorm-Merge), exactly as DESIGN.md section 3 states it.
+
+Read this file top to bottom next to that section: ``drm_matrix_delta`` is steps 1-9 for
+one weight matrix, ``drm_vector_delta`` is the rule for vector-like tensors.
+
+How the decomposition is computed (step 2). We never form the SVD of the tall stack
+``S = [D_1; ...; D_T]``. Its right singular vectors and values are the eigenpairs of the
+Gram matrix of the stack's smaller side (``S^T S = sum_t D_t^T D_t`` or ``S S^T``), which
+costs one GEMM pass plus one symmetric eigendecomposition of a matrix no larger than
+``min(T*n, m)`` square. The Gram matrix is formed and decomposed in float64 so that
+squaring the singular values loses nothing that a float32 SVD would keep.
+
+Everything after step 2 only needs the per-task *loadings* ``P_t = D_t V = U_t diag(s)``
+(n x r) and the shared basis ``V`` (m x r):
+  - renormalized vectors: ``U_t'[:, i] = P_t[:, i] / ||P_t[:, i]||``,
+  - per-task spectrum:   ``s_ti = s_i * ||U_t[:, i]|| = ||P_t[:, i]||``,
+so no division by singular values is ever needed on this path. The low-rank (LoRA) path
+produces the same two objects from adapter factors and shares ``merge_loadings``.
+
+Horizontal DRM on ``D_t`` is vertical DRM on ``D_t^T``, transposed back: stacking the
+transposes vertically gives ``S_h^T``, whose U-blocks are the V-blocks of ``S_h``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..spec import Parameters
+from .common import combine, keep_top_magnitudes
+
+DECOMP_DTYPE = torch.float64
+
+
+def drm_matrix_delta(deltas: torch.Tensor, weights: torch.Tensor, p: Parameters) -> torch.Tensor:
+    """Merged delta ``D`` (n x m) of a (T, n, m) stack of task deltas (step 1 done by the caller)."""
+    if p.direction == "horizontal":
+        return drm_matrix_delta(deltas.transpose(1, 2), weights, replace(p, direction="vertical")).transpose(0, 1)
+    basis = shared_row_basis(deltas, p.rank_threshold)
+    if basis is None:  # every delta is zero
+        return torch.zeros(deltas.shape[1:], dtype=deltas.dtype, device=deltas.device)
+    loadings, v = basis
+    merged = merge_loadings(loadings, weights, p)  # steps 3-8
+    return (merged @ v.T).to(deltas.dtype)  # step 9
+
+
+def shared_row_basis(deltas: torch.Tensor, rank_threshold: float):
+    """Step 2 (vertical): ``(P, V)`` with ``P[t] = D_t V`` (T, n, r) and ``V`` (m, r), keeping
+    components with ``s_i > rho * s_1``; ``None`` if the stack is zero."""
+    t, n, m = deltas.shape
+    d = deltas.to(DECOMP_DTYPE)
+    if m <= t * n:
+        # Right side is smaller: eigenvectors of S^T S are V directly.
+        gram = torch.einsum("tnm,tnk->mk", d, d)
+        s, v = _top_eigenpairs(gram, rank_threshold)
+        if v is None:
+            return None
+        return d @ v, v
+    # Stack side is smaller: eigenvectors of S S^T are U; P_t = U_t diag(s), V = S^T U / s.
+    flat = d.reshape(t * n, m)
+    s, u = _top_eigenpairs(flat @ flat.T, rank_threshold)
+    if u is None:
+        return None
+    v = (flat.T @ u) / s
+    return (u * s).reshape(t, n, -1), v
+
+
+def _top_eigenpairs(gram: torch.Tensor, rank_threshold: float):
+    """Singular values (descending) and vectors above ``rho * s_1`` from a Gram matrix."""
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    s = evals.clamp_min(0).sqrt()
+    if s.numel() == 0 or s[0] <= 0:
+        return None, None
+    keep = s > rank_threshold * s[0]
+    return s[keep], evecs[:, keep]
+
+
+def merge_loadings(loadings: torch.Tensor, weights: torch.Tensor, p: Parameters) -> torch.Tensor:
+    """Steps 3-8 on the per-task loadings ``P`` (T, n, r); returns ``M`` (n, r)."""
+    # Step 3: renormalize each task's singular vectors; their norms become its spectrum.
+    norms = torch.linalg.vector_norm(loadings, dim=1, keepdim=True)  # (T, 1, r) = s_ti
+    if p.renormalize:
+        vectors = torch.where(norms > 0, loadings / norms.clamp_min(torch.finfo(loadings.dtype).tiny), 0.0)
+        spectrum = norms
+    else:  # research ablation: keep U_t as the SVD gives it, with the shared spectrum s_i
+        shared = torch.linalg.vector_norm(loadings, dim=(0, 1), keepdim=True)  # s_i
+        vectors = torch.where(shared > 0, loadings / shared.clamp_min(torch.finfo(loadings.dtype).tiny), 0.0)
+        spectrum = shared
+    # Step 4: prune the pooled vectors below the k-th smallest magnitude.
+    vectors = prune_pooled(vectors, p.drop_rate)
+    # Step 5: rescale.
+    rescaled = vectors * spectrum
+    # Steps 6-8: elect signs, weight, disjoint mean.
+    return combine(rescaled, weights, sign_election=p.sign_election,
+                   disjoint_mean=p.disjoint_mean, elect_on_weighted=False)
+
+
+def prune_pooled(vectors: torch.Tensor, drop_rate: float) -> torch.Tensor:
+    """Zero every entry whose magnitude is below the k-th smallest of the whole pool,
+    ``k = N - round(N * (1 - p))``."""
+    n = vectors.numel()
+    k = n - round(n * (1.0 - drop_rate))
+    if k <= 0:
+        return vectors
+    mags = vectors.abs()
+    threshold = torch.kthvalue(mags.reshape(-1), k).values
+    return torch.where(mags < threshold, torch.zeros((), dtype=vectors.dtype, device=vectors.device), vectors)
+
+
+def drm_vector_delta(deltas: torch.Tensor, weights: torch.Tensor, p: Parameters) -> torch.Tensor:
+    """Vector-like tensors (biases, norms, excluded embeddings/heads): TIES-style per tensor
+    with an optional trim to the top ``1 - nonlinear_drop_rate`` magnitudes."""
+    if p.nonlinear_drop_rate > 0:
+        deltas = torch.stack([keep_top_magnitudes(d, 1.0 - p.nonlinear_drop_rate) for d in deltas])
+    return combine(deltas, weights, sign_election=p.sign_election,
+                   disjoint_mean=p.disjoint_mean, elect_on_weighted=False)

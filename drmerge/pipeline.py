@@ -1,0 +1,366 @@
+"""The streaming executor: prefetch -> merge -> write, one tensor at a time.
+
+Memory stays bounded by a few tensors times the number of models: a small pool of
+reader threads fetches the next ``PREFETCH`` tensors of every model while the current
+one is merged, and a writer thread streams finished tensors into the shard that is
+open (headers are planned up front, so shards are written front to back). Between
+tensors the cancel hook is polled. On any failure everything this run wrote is
+removed, and ``drmerge.json``, the completeness marker, is only ever written last.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from . import __version__
+from .checkpoint import DTYPES, INDEX_FILE, MAX_SMALL_FILE_BYTES, CheckpointReader, ShardWriter, index_json, shard_names
+from .errors import Cancelled, MergeError
+from .methods import COPY, merge_tensor
+from .plan import Plan, TensorPlan, build_plan
+from .spec import MergeSpec
+from .storage import Storage, open_storage
+
+MARKER = "drmerge.json"
+PREFETCH = 2  # tensors read ahead of the one being merged
+COMPUTE_DTYPE = torch.float32
+
+
+@dataclass
+class Progress:
+    stage: str = "planning"
+    tensors_done: int = 0
+    tensors_total: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+@dataclass
+class MergeResult:
+    output: str
+    files: list[dict]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    timings: dict
+    warnings: list[str] = field(default_factory=list)
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ProgressFn = Callable[[Progress], None]
+CancelFn = Callable[[], bool]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MergeError("invalid_spec", "device 'cuda' was requested but no CUDA device is available", param="device")
+    if device not in ("cpu", "cuda"):
+        raise MergeError("invalid_spec", f"device must be auto, cpu or cuda, got {device!r}", param="device")
+    return torch.device(device)
+
+
+class Inputs:
+    """Open readers for the base (if any) and every model, with the plan over them."""
+
+    def __init__(self, spec: MergeSpec, s3_options: dict | None = None):
+        self.spec = spec
+        self.storages: list[Storage] = []
+        self.base = self._open(spec.base_model, s3_options) if spec.base_model else None
+        self.models = [self._open(m.model, s3_options) for m in spec.models]
+        uris = [m.model for m in spec.models]
+        reference = self.base or self.models[0]
+        self.reference = reference
+        self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
+                                     uris if self.base else uris[1:])
+        self.weights = torch.tensor([m.weight for m in spec.models], dtype=COMPUTE_DTYPE)
+
+    def _open(self, uri: str, s3_options) -> CheckpointReader:
+        storage = open_storage(uri, s3_options)
+        self.storages.append(storage)
+        return CheckpointReader(storage)
+
+    def read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        base = self.base.read(name) if self.base else None
+        return base, [m.read(name) for m in self.models]
+
+    def nbytes(self, name: str) -> int:
+        readers = ([self.base] if self.base else []) + self.models
+        return sum(r.tensors[name].length for r in readers)
+
+    def close(self) -> None:
+        for s in self.storages:
+            s.close()
+
+
+def _check_finite(spec: MergeSpec, name: str, base, tensors) -> None:
+    for label, t in ([("base_model", base)] if base is not None else []) + [
+            (f"models[{i}] ({m.model})", x) for i, (m, x) in enumerate(zip(spec.models, tensors))]:
+        if not bool(torch.isfinite(t).all()):
+            raise MergeError("non_finite_weights", f"{label} has NaN or Inf values in tensor {name!r}", param=label.split(" ")[0])
+
+
+def merge_one(inputs: Inputs, tp: TensorPlan, base: torch.Tensor | None, tensors: list[torch.Tensor],
+              device: torch.device) -> torch.Tensor:
+    """Merge one tensor (already read) and return it in its output dtype, on the CPU."""
+    spec = inputs.spec
+    out_dtype = DTYPES[tp.out.dtype][0]
+    if tp.kind == COPY:
+        return (base if base is not None else tensors[0]).to(out_dtype)
+    b = base.to(device=device, dtype=COMPUTE_DTYPE) if base is not None else None
+    stack = torch.stack([t.to(device=device, dtype=COMPUTE_DTYPE) for t in tensors])
+    _check_finite(spec, tp.name, b, stack)
+    merged = merge_tensor(spec.method, tp.kind, b, stack, inputs.weights.to(device), spec.parameters)
+    return merged.to(dtype=out_dtype).cpu()
+
+
+def merged_tensors(inputs: Inputs, names: Iterable[str], device: torch.device,
+                   timings: dict, progress_bytes: Callable[[int], None] | None = None,
+                   should_cancel: CancelFn | None = None) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """Merge any subset of tensors, in the given order, prefetching the next ones.
+
+    This is the unit a merge can be split into across workers.
+    """
+    plans = inputs.plan.by_name()
+    order = [plans[n] for n in names]
+    pool = ThreadPoolExecutor(max_workers=max(2, min(8, len(inputs.models) + 1)), thread_name_prefix="drmerge-read")
+    pending: list[Future] = []
+    try:
+        def submit(i: int) -> None:
+            pending.append(pool.submit(inputs.read, order[i].name))
+
+        for i in range(min(PREFETCH, len(order))):
+            submit(i)
+        for i, tp in enumerate(order):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled()
+            t0 = time.perf_counter()
+            base, tensors = pending.pop(0).result()
+            if i + PREFETCH < len(order):
+                submit(i + PREFETCH)
+            t1 = time.perf_counter()
+            if progress_bytes:
+                progress_bytes(inputs.nbytes(tp.name))
+            merged = merge_one(inputs, tp, base, tensors, device)
+            timings["read_wait_s"] += t1 - t0
+            timings["compute_s"] += time.perf_counter() - t1
+            yield tp, merged
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _BackgroundWriter:
+    """Writes merged tensors into planned shards on its own thread (bounded queue)."""
+
+    def __init__(self, storage: Storage, plan: Plan, on_bytes: Callable[[int], None]):
+        self.storage = storage
+        self.names = shard_names(len(plan.shards))
+        self.shards = plan.shards
+        self.files: list[dict] = []
+        self.written: list[str] = []  # committed objects, for cleanup on failure
+        self.on_bytes = on_bytes
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.busy_s = 0.0
+        self.thread = threading.Thread(target=self._run, name="drmerge-write", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        current: ShardWriter | None = None
+        shard = 0
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    break
+                t0 = time.perf_counter()
+                name, tensor = item
+                if current is None:
+                    current = ShardWriter(self.storage, self.names[shard], self.shards[shard])
+                before = current.size
+                current.add(name, tensor)
+                self.on_bytes(current.size - before)
+                if current.full:
+                    self.files.append(current.commit())
+                    self.written.append(current.name)
+                    current, shard = None, shard + 1
+                self.busy_s += time.perf_counter() - t0
+        except BaseException as e:  # handed to the main thread by put()/finish()
+            self.error = e
+            if current is not None:
+                current.abort()
+            while self.q.get() is not None:  # drain so the producer never blocks
+                pass
+            return
+        if current is not None:
+            current.abort()
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if self.error:
+            raise self.error
+        self.q.put((name, tensor))
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def _preflight_output(spec: MergeSpec, out: Storage) -> None:
+    if out.exists(MARKER) and not spec.overwrite:
+        raise MergeError("output_exists", f"{out.uri} already holds a merge ({MARKER}); "
+                         "choose another output or set overwrite", param="output")
+
+
+def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | None = None,
+              should_cancel: CancelFn | None = None, s3_options: dict | None = None) -> MergeResult:
+    """Merge ``spec`` end to end and return what was written. Raises ``MergeError``."""
+    started = time.perf_counter()
+    created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    dev = resolve_device(device)
+    state = Progress()
+    lock = threading.Lock()
+
+    def report(stage: str | None = None) -> None:
+        if stage:
+            state.stage = stage
+        if progress:
+            with lock:
+                snapshot = Progress(**asdict(state))
+            progress(snapshot)
+
+    def add_read(n: int) -> None:
+        with lock:
+            state.bytes_read += n
+
+    def add_written(n: int) -> None:
+        with lock:
+            state.bytes_written += n
+
+    report("planning")
+    inputs = Inputs(spec, s3_options)
+    out = open_storage(spec.output, s3_options)
+    writer: _BackgroundWriter | None = None
+    extra_written: list[str] = []
+    timings = {"plan_s": 0.0, "read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "total_s": 0.0}
+    try:
+        _preflight_output(spec, out)
+        plan = inputs.plan
+        timings["plan_s"] = time.perf_counter() - started
+        state.tensors_total = len(plan.tensors)
+        if spec.overwrite:
+            out.delete(MARKER)  # the old merge stops being "complete" before we touch it
+        report("merging")
+        writer = _BackgroundWriter(out, plan, add_written)
+        for tp, merged in merged_tensors(inputs, [t.name for t in plan.tensors], dev, timings, add_read, should_cancel):
+            writer.put(tp.name, merged)
+            state.tensors_done += 1
+            report()
+        report("finalizing")
+        t0 = time.perf_counter()
+        writer.finish()
+        files = list(writer.files)
+        if len(plan.shards) > 1:
+            data = index_json(plan.shards, writer.names)
+            out.write_bytes(INDEX_FILE, data)
+            extra_written.append(INDEX_FILE)
+            files.append(_file_entry(INDEX_FILE, data))
+        for name in inputs.reference.small_files():
+            size = inputs.reference.storage.size(name)
+            if size > MAX_SMALL_FILE_BYTES:
+                plan.warnings.append(f"{name} ({size} bytes) was not copied: larger than {MAX_SMALL_FILE_BYTES} bytes")
+                continue
+            data = inputs.reference.storage.read_bytes(name)
+            out.write_bytes(name, data)
+            extra_written.append(name)
+            files.append(_file_entry(name, data))
+        if spec.overwrite:
+            _remove_stale_weights(out, {f["name"] for f in files})
+        timings["write_s"] = writer.busy_s + time.perf_counter() - t0
+        seconds = time.perf_counter() - started
+        timings["total_s"] = seconds
+        result = MergeResult(output=spec.output, files=files, tensors=len(plan.tensors),
+                             bytes_read=state.bytes_read, bytes_written=state.bytes_written,
+                             seconds=seconds, timings={k: round(v, 4) for k, v in timings.items()},
+                             warnings=list(plan.warnings), device=str(dev))
+        marker = {"spec": spec.to_dict(), "engine": {"name": "drmerge", "version": __version__},
+                  "created_at": created_at, "device": str(dev), "files": files,
+                  "tensors": len(plan.tensors), "timings": result.timings, "warnings": result.warnings}
+        out.write_bytes(MARKER, json.dumps(marker, indent=2).encode())
+        report("done")
+        return result
+    except BaseException as e:
+        if writer is not None:
+            try:
+                writer.finish()
+            except BaseException:
+                pass
+            for name in writer.written:
+                out.delete(name)
+        for name in extra_written:
+            out.delete(name)
+        _remove_empty_local_dir(out)
+        if isinstance(e, MergeError):
+            raise
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise MergeError("internal_error", f"unexpected {e.__class__.__name__}: {e}") from e
+    finally:
+        inputs.close()
+        out.close()
+
+
+def _file_entry(name: str, data: bytes) -> dict:
+    import hashlib
+
+    return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _remove_stale_weights(out: Storage, keep: set[str]) -> None:
+    """After an overwrite, drop weight files of the previous merge that the new one lacks."""
+    for name in out.list_files():
+        if name not in keep and (name.startswith("model") and name.endswith(".safetensors") or name == INDEX_FILE):
+            out.delete(name)
+
+
+def _remove_empty_local_dir(out: Storage) -> None:
+    import os
+
+    path = getattr(out, "path", None)
+    if path and os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+
+
+def validate(spec: MergeSpec, s3_options: dict | None = None) -> dict:
+    """Check a spec and its checkpoints' compatibility without merging anything."""
+    inputs = Inputs(spec, s3_options)
+    try:
+        out = open_storage(spec.output, s3_options)
+        try:
+            _preflight_output(spec, out)
+        finally:
+            out.close()
+        plan = inputs.plan
+        kinds: dict[str, int] = {}
+        for tp in plan.tensors:
+            kinds[tp.kind] = kinds.get(tp.kind, 0) + 1
+        return {"tensors": len(plan.tensors), "kinds": kinds, "shards": len(plan.shards),
+                "output_bytes": sum(t.out.nbytes for t in plan.tensors), "warnings": plan.warnings}
+    finally:
+        inputs.close()

@@ -1,0 +1,90 @@
+"""Which tensor gets which treatment, decided and validated before any merging starts.
+
+The plan checks that every model holds every base tensor with the same shape, picks
+each tensor's kind (DRM matrix, vector-like, or copied from the base), its output dtype,
+and the output shard layout. A bad input is therefore refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .checkpoint import CODE_OF, CheckpointReader, OutTensor, TensorInfo, plan_shards
+from .errors import MergeError
+from .methods import COPY, MATRIX, VECTOR
+from .spec import MergeSpec, Select
+
+MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    kind: str  # MATRIX, VECTOR or COPY
+    out: OutTensor
+
+
+@dataclass
+class Plan:
+    tensors: list[TensorPlan]
+    shards: list[list[OutTensor]]
+    warnings: list[str]
+
+    def by_name(self) -> dict[str, TensorPlan]:
+        return {t.name: t for t in self.tensors}
+
+
+class Selector:
+    """``select`` rules compiled once; patterns match whole names (``re.fullmatch``)."""
+
+    def __init__(self, select: Select):
+        self.linear = [re.compile(p) for p in select.linear]
+        self.exclude = [re.compile(p) for p in select.exclude]
+        self.ignore = [re.compile(p) for p in select.ignore]
+
+    @staticmethod
+    def _any(patterns, name: str) -> bool:
+        return any(p.fullmatch(name) for p in patterns)
+
+    def kind(self, info: TensorInfo) -> str:
+        if not info.is_float or self._any(self.ignore, info.name):
+            return COPY
+        if len(info.shape) >= 2 and self._any(self.linear, info.name) and not self._any(self.exclude, info.name):
+            return MATRIX
+        return VECTOR
+
+
+def _listing(names: list[str]) -> str:
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
+
+
+def build_plan(spec: MergeSpec, reference: CheckpointReader, models: list[CheckpointReader],
+               model_uris: list[str]) -> Plan:
+    """``reference`` is the base (or, for ``linear``, the first model)."""
+    warnings: list[str] = []
+    ref = reference.tensors
+    for uri, reader in zip(model_uris, models):
+        missing = [n for n in ref if n not in reader.tensors]
+        if missing:
+            raise MergeError("incompatible_checkpoints",
+                             f"{uri} lacks {len(missing)} tensor(s) of the base: {_listing(missing)}")
+        mismatched = [f"{n} {list(reader.tensors[n].shape)} vs {list(ref[n].shape)}"
+                      for n in ref if reader.tensors[n].shape != ref[n].shape]
+        if mismatched:
+            raise MergeError("incompatible_checkpoints",
+                             f"{uri} has tensors shaped differently from the base: {_listing(mismatched)}")
+        extra = [n for n in reader.tensors if n not in ref]
+        if extra:
+            warnings.append(f"{uri} holds {len(extra)} tensor(s) the base lacks; they are not merged: {_listing(extra)}")
+    selector = Selector(spec.select)
+    plans = []
+    for name, info in ref.items():
+        kind = selector.kind(info)
+        dtype = CODE_OF[spec.dtype] if spec.dtype and kind != COPY else info.dtype
+        plans.append(TensorPlan(name, kind, OutTensor(name, dtype, info.shape)))
+    if not any(p.kind != COPY for p in plans):
+        warnings.append("no tensor is merged: every tensor is ignored or not floating-point")
+    shards = plan_shards([p.out for p in plans], spec.shard_size)
+    return Plan(plans, shards, warnings)

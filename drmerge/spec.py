@@ -1,0 +1,294 @@
+"""The merge spec: one format for the CLI, the Python API and the HTTP API (DESIGN.md s.4).
+
+Parsing is strict: an unknown key anywhere is an error naming its path, and every value
+is checked here, once, so the engine, the CLI and the service agree on what is valid.
+This module is pure Python on purpose: the API process validates specs without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from .errors import MergeError
+
+METHODS = ("drm", "ties", "task_arithmetic", "linear")
+DIRECTIONS = ("vertical", "horizontal")
+DTYPES = ("float32", "float16", "bfloat16")
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16",
+                  "half": "float16", "bf16": "bfloat16"}
+OUTPUT_FORMATS = ("full", "adapter")
+
+DEFAULT_LINEAR = (r".*weight$",)
+DEFAULT_EXCLUDE = (r".*embed.*", r".*lm_head.*", r".*wte.*", r".*wpe.*", r"(.*\.)?shared\.weight")
+
+MAX_MODELS = 256
+MAX_PATTERN_LENGTH = 512
+MAX_PATTERNS = 64
+MAX_URI_LENGTH = 2048
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Parameters:
+    direction: str = "vertical"
+    drop_rate: float = 0.8
+    rank_threshold: float = 0.01
+    scale: float = 1.0
+    sign_election: bool = True
+    disjoint_mean: bool = True
+    nonlinear_drop_rate: float = 0.0
+    density: float = 0.2
+    # Research option (ablation): skip DRM's renormalization step (step 3).
+    renormalize: bool = True
+
+
+@dataclass(frozen=True)
+class Select:
+    linear: tuple[str, ...] = DEFAULT_LINEAR
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    models: tuple[ModelEntry, ...]
+    output: str
+    base_model: str | None = None
+    method: str = "drm"
+    parameters: Parameters = field(default_factory=Parameters)
+    select: Select = field(default_factory=Select)
+    dtype: str | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    overwrite: bool = False
+    output_format: str = "full"
+    adapter_rank: int | None = None
+
+    def to_dict(self) -> dict:
+        """The normalized spec (defaults filled in), JSON-serializable."""
+        d = asdict(self)
+        d["models"] = [dict(m) for m in d["models"]]
+        d["select"] = {k: list(v) for k, v in d["select"].items()}
+        return d
+
+    def uris(self) -> list[str]:
+        """Every storage location the spec names, inputs first, output last."""
+        return ([self.base_model] if self.base_model else []) + [m.model for m in self.models] + [self.output]
+
+    def with_overrides(self, **kw) -> "MergeSpec":
+        return replace(self, **kw)
+
+
+def _fail(param: str, message: str):
+    raise MergeError("invalid_spec", f"{param}: {message}", param=param)
+
+
+def _check_keys(data, allowed, where: str):
+    if not isinstance(data, dict):
+        _fail(where or "spec", f"must be a mapping, got {type(data).__name__}")
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        _fail(f"{prefix}{unknown[0]}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _number(value, param: str, lo: float | None = None, hi: float | None = None,
+            lo_open=False, hi_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(param, f"must be a finite number, got {value!r}")
+    v = float(value)
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        _fail(param, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        _fail(param, f"must be {'<' if hi_open else '<='} {hi}, got {v}")
+    return v
+
+
+def _bool(value, param: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(param, f"must be true or false, got {value!r}")
+    return value
+
+
+def _choice(value, choices, param: str) -> str:
+    if value not in choices:
+        _fail(param, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _uri(value, param: str, base_dir: str | None) -> str:
+    if not isinstance(value, str) or not value.strip():
+        _fail(param, "must be a non-empty string (a local path or s3://bucket/prefix/)")
+    if len(value) > MAX_URI_LENGTH or "\x00" in value:
+        _fail(param, f"must be at most {MAX_URI_LENGTH} characters with no NUL bytes")
+    if value.startswith("s3://"):
+        bucket = value[5:].split("/", 1)[0]
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+            _fail(param, f"{value!r} does not name a valid S3 bucket")
+        return value if value.endswith("/") else value + "/"
+    if "://" in value:
+        _fail(param, f"unsupported URI scheme in {value!r}: use a local path or s3://bucket/prefix/")
+    path = os.path.expanduser(value)
+    if base_dir is not None and not os.path.isabs(path):
+        path = os.path.join(base_dir, path)
+    return os.path.normpath(path)
+
+
+def _patterns(value, param: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or len(value) > MAX_PATTERNS:
+        _fail(param, f"must be a list of at most {MAX_PATTERNS} regular expressions")
+    out = []
+    for i, p in enumerate(value):
+        if not isinstance(p, str) or len(p) > MAX_PATTERN_LENGTH:
+            _fail(f"{param}[{i}]", f"must be a regular expression of at most {MAX_PATTERN_LENGTH} characters")
+        try:
+            re.compile(p)
+        except re.error as e:
+            _fail(f"{param}[{i}]", f"is not a valid regular expression: {e}")
+        out.append(p)
+    return tuple(out)
+
+
+def parse_size(value, param: str = "shard_size") -> int:
+    """``5GB``, ``200MB``, ``512MiB`` or a plain byte count."""
+    if isinstance(value, bool):
+        _fail(param, f"must be a size like '5GB' or a byte count, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", value, flags=re.IGNORECASE)
+        if not m:
+            _fail(param, f"must be a size like '5GB' or a byte count, got {value!r}")
+        n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+    else:
+        _fail(param, f"must be a size like '5GB' or a byte count, got {value!r}")
+    if n < 1024:
+        _fail(param, f"must be at least 1KiB, got {n} bytes")
+    return n
+
+
+def _parameters(data) -> Parameters:
+    allowed = {f.name for f in fields(Parameters)}
+    _check_keys(data, allowed, "parameters")
+    p = Parameters()
+    kw = {}
+    for key, value in data.items():
+        param = f"parameters.{key}"
+        if key == "direction":
+            kw[key] = _choice(value, DIRECTIONS, param)
+        elif key in ("sign_election", "disjoint_mean", "renormalize"):
+            kw[key] = _bool(value, param)
+        elif key == "scale":
+            kw[key] = _number(value, param)
+        elif key == "density":
+            kw[key] = _number(value, param, 0.0, 1.0, lo_open=True)
+        else:  # drop_rate, rank_threshold, nonlinear_drop_rate: fractions in [0, 1)
+            kw[key] = _number(value, param, 0.0, 1.0, hi_open=True)
+    return replace(p, **kw)
+
+
+def _select(data) -> Select:
+    _check_keys(data, {"linear", "exclude", "ignore"}, "select")
+    return Select(**{k: _patterns(v, f"select.{k}") for k, v in data.items()})
+
+
+def _models(data, base_dir) -> tuple[ModelEntry, ...]:
+    if not isinstance(data, list) or not data:
+        _fail("models", "must be a non-empty list of {model: URI, weight: number}")
+    if len(data) > MAX_MODELS:
+        _fail("models", f"at most {MAX_MODELS} models per merge, got {len(data)}")
+    out = []
+    for i, entry in enumerate(data):
+        param = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        _check_keys(entry, {"model", "weight"}, param)
+        if "model" not in entry:
+            _fail(f"{param}.model", "is required")
+        weight = _number(entry.get("weight", 1.0), f"{param}.weight")
+        out.append(ModelEntry(model=_uri(entry["model"], f"{param}.model", base_dir), weight=weight))
+    return tuple(out)
+
+
+def parse_spec(data, base_dir: str | None = None) -> MergeSpec:
+    """Validate a spec mapping and return it normalized.
+
+    ``base_dir`` resolves relative local paths (the CLI passes the spec file's folder).
+    """
+    allowed = {f.name for f in fields(MergeSpec)}
+    _check_keys(data, allowed, "")
+    for required in ("models", "output"):
+        if required not in data:
+            _fail(required, "is required")
+    kw: dict = {"models": _models(data["models"], base_dir), "output": _uri(data["output"], "output", base_dir)}
+    kw["method"] = _choice(data.get("method", "drm"), METHODS, "method")
+    if data.get("base_model") is not None:
+        kw["base_model"] = _uri(data["base_model"], "base_model", base_dir)
+    elif kw["method"] != "linear":
+        _fail("base_model", f"is required for method {kw['method']!r} (only 'linear' merges without a base)")
+    if "parameters" in data:
+        kw["parameters"] = _parameters(data["parameters"] if data["parameters"] is not None else {})
+    if "select" in data:
+        kw["select"] = _select(data["select"] if data["select"] is not None else {})
+    if data.get("dtype") is not None:
+        dt = data["dtype"]
+        dt = _DTYPE_ALIASES.get(dt, dt) if isinstance(dt, str) else dt
+        kw["dtype"] = _choice(dt, DTYPES, "dtype")
+    if "shard_size" in data:
+        kw["shard_size"] = parse_size(data["shard_size"])
+    if "overwrite" in data:
+        kw["overwrite"] = _bool(data["overwrite"], "overwrite")
+    if "output_format" in data:
+        kw["output_format"] = _choice(data["output_format"], OUTPUT_FORMATS, "output_format")
+    if data.get("adapter_rank") is not None:
+        r = data["adapter_rank"]
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 65536:
+            _fail("adapter_rank", f"must be an integer in [1, 65536], got {r!r}")
+        kw["adapter_rank"] = r
+    spec = MergeSpec(**kw)
+    inputs = spec.uris()[:-1]
+    if spec.output in inputs or any(spec.output.rstrip("/") == u.rstrip("/") for u in inputs):
+        _fail("output", "must differ from every input location (inputs are never written to)")
+    return spec
+
+
+def load_spec_file(path: str) -> MergeSpec:
+    """Read a YAML or JSON spec file (any extension); relative paths resolve against its folder."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise MergeError("invalid_spec", f"spec file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MergeError("invalid_spec", f"cannot read spec file {path}: {e}") from None
+    return parse_spec(parse_spec_text(text, path), base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def parse_spec_text(text: str, where: str = "spec") -> dict:
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MergeError("invalid_spec", f"{where} is neither valid JSON nor valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise MergeError("invalid_spec", f"{where} must hold a mapping at the top level")
+    return data
