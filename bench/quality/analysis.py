@@ -146,8 +146,13 @@ def main(argv=None):
     ap.add_argument("--merges", action="store_true", help="re-run the chosen merges and measure retention")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    results = json.loads((args.out / "results.json").read_text())
-    tasks = results["tasks"]
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    if results is None and args.merges:
+        ap.error(f"--merges needs {results_path} (run bench.quality.run first)")
+    from .run import FULL
+
+    tasks = results["tasks"] if results else list(FULL.tasks)
     base, deltas = task_deltas(args.work, args.seed, tasks)
     geo = geometry(base, deltas, tasks)
     plot(geo, tasks, args.out / "spectra.png")

@@ -36,6 +36,8 @@ def aggregate(seeds: list[dict], tasks: list[str]) -> dict:
     for fam in ("drm_v", "drm_h"):
         pts = {}
         for s in seeds:
+            if not s.get("tuned", True):  # seeds that reused another seed's choices have one point
+                continue
             for c in s["drop_curves"][fam]:
                 d = pts.setdefault(c["drop_rate"], {"val": [], "test": []})
                 d["val"].append(c["val_normalized"])
@@ -68,7 +70,9 @@ def markdown(meta: dict, agg: dict, seeds: list[dict], tasks: list[str], analysi
     title = "Merge-quality benchmark (smoke run)" if meta["smoke"] else "Merge-quality benchmark: DRM vs baselines on six real fine-tunes"
     L += [f"# {title}", ""]
     L += [f"Command: `{meta['command']}`  ",
-          f"Seeds (fine-tuning): {', '.join(map(str, meta['seeds']))}; data split seed: {meta['data_seed']}  ",
+          f"Seeds (fine-tuning): {', '.join(map(str, meta['seeds']))}; data split seed: {meta['data_seed']}"
+          + (f"; validation grids run on seed {meta['tune_seed']} only, the other seeds reuse its choices"
+             if meta.get("tune_seed") is not None and len(seeds) > 1 else "") + "  ",
           f"Wall time: {meta['wall_seconds'] / 60:.1f} min on {meta['machine']['cpus']} CPUs "
           f"({meta['jobs']} worker process(es) x {meta['threads']} thread); load average at start "
           f"{meta['load_average_start'][0]}, at end {meta['load_average_end'][0]} (the box is shared)  ",
@@ -97,7 +101,9 @@ def markdown(meta: dict, agg: dict, seeds: list[dict], tasks: list[str], analysi
         L.append(f"| {LABELS[row]} | " + " | ".join(_params(s["rows"][row]["params"]) for s in seeds) + " |")
     L += ["", "p = drop rate, λ = scale, k = TIES density. The ablation rows reuse the drop rate chosen "
           "for the renormalized variant and re-choose λ.", ""]
-    L += ["## Normalized accuracy vs drop rate (DRM, λ re-chosen on validation for each p)", "",
+    tuned = [s["seed"] for s in seeds if s.get("tuned", True)]
+    L += ["## Normalized accuracy vs drop rate (DRM, λ re-chosen on validation for each p; seed(s) "
+          + ", ".join(map(str, tuned)) + ")", "",
           "| Drop rate | DRM-V val | DRM-V test | DRM-H val | DRM-H test |", "|---|---|---|---|---|"]
     drops = sorted(agg["drop_curves"]["drm_v"])
     for p in drops:

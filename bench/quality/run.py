@@ -86,6 +86,9 @@ FULL = Profile(
     ta_scales=(0.2, 0.3, 0.4, 0.6, 0.8, 1.0),
     ties_densities=(0.2, 0.5), ties_scales=(0.6, 1.0, 1.4),
     drm_drops=(0.5, 0.7, 0.8, 0.9), drm_scales=(0.6, 1.0, 1.4),
+    # The drop-rate curve is read on validation; only the chosen configurations are
+    # scored on test (each test pass is 2,400 examples).
+    drop_curve_on_test=False,
 )
 SMOKE = Profile(
     tasks=("verb_category", "tweet_topic"),
@@ -234,6 +237,7 @@ class Run:
     threads: int
     smoke: bool
     keep_merged: bool = False
+    fixed: dict | None = None  # family -> params chosen on the tuning seed
     started: float = field(default_factory=time.time)
     pool: ProcessPoolExecutor | None = None
 
@@ -258,7 +262,9 @@ class Run:
         encoded = {name: {s: encode(tok, t.split(s), p.max_len) for s in ("train", "val", "test")}
                    for name, t in self.tasks.items()}
         self.encoded_path = self.work / "encoded.pt"
-        torch.save(encoded, self.encoded_path)
+        tmp = self.encoded_path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(encoded, tmp)
+        os.replace(tmp, self.encoded_path)
         # The merge base is the pretrained encoder re-saved through the same code path
         # as the fine-tunes, so all seven checkpoints hold the same tensor names.
         self.base = self.work / "base"
@@ -406,6 +412,8 @@ class Run:
             return sum(accs[t] / ref[t] if ref[t] > 0 else 0.0 for t in self.tasks) / len(self.tasks)
 
         fams = self.profile.families()
+        if self.fixed:  # hyperparameters chosen on another seed: no grid search here
+            fams = {fam: (method, [self.fixed[fam]]) for fam, (method, _) in fams.items()}
         val_configs = [(m, p) for m, grid in fams.values() for p in grid]
         # A family with a single configuration needs no selection: score it on test too now.
         single = [(m, grid[0]) for m, grid in fams.values() if len(grid) == 1]
@@ -424,11 +432,11 @@ class Run:
         # Ablation: DRM without renormalization at the drop rate chosen for DRM, scale re-chosen.
         abl = {}
         for fam, direction in (("drm_v", "vertical"), ("drm_h", "horizontal")):
-            abl[f"{fam}_no_renorm"] = ("drm", _grid(direction, (chosen[fam]["drop_rate"],), self.profile.drm_scales,
-                                                    renormalize=False))
+            abl[f"{fam}_no_renorm"] = ("drm", [self.fixed[f"{fam}_no_renorm"]] if self.fixed else
+                                       _grid(direction, (chosen[fam]["drop_rate"],), self.profile.drm_scales,
+                                             renormalize=False))
         abl_configs = [(m, p) for m, grid in abl.values() for p in grid]
-        self.evaluate(seed, [c for c in abl_configs if len(self.profile.drm_scales) == 1], ("val", "test"),
-                      ft_dirs, cache)
+        self.evaluate(seed, [(m, g[0]) for m, g in abl.values() if len(g) == 1], ("val", "test"), ft_dirs, cache)
         val.update(self.evaluate(seed, abl_configs, ("val",), ft_dirs, cache)["val"])
         for fam, (method, grid) in abl.items():
             chosen[fam], grids[fam] = pick(method, grid)
@@ -438,7 +446,7 @@ class Run:
         curves = {}
         for fam in ("drm_v", "drm_h"):
             curves[fam] = []
-            for p in self.profile.drm_drops:
+            for p in sorted({q["drop_rate"] for q in fams[fam][1]}):
                 sub = [q for q in fams[fam][1] if q["drop_rate"] == p]
                 best, _ = pick("drm", sub)
                 curves[fam].append({"drop_rate": p, "params": best})
@@ -468,7 +476,7 @@ class Run:
                     c["test_normalized"] = norm(test[k]["accuracy"], ft_test)
         merged = {r["key"]: r["merge_seconds"] for r in cache.values() if not r.get("reused_merge")}
         merge_times = [t for t in merged.values() if t > 0]
-        return {"seed": seed, "rows": rows, "grids": grids, "drop_curves": curves,
+        return {"seed": seed, "tuned": not self.fixed, "rows": rows, "grids": grids, "drop_curves": curves,
                 "probe_weight_decay": refs["probe"]["weight_decay"],
                 "finetune": {t: {k: metas[t][k] for k in ("train_seconds", "steps", "seed")} for t in self.tasks},
                 "merges": len(merged), "merge_seconds_median": sorted(merge_times)[len(merge_times) // 2] if merge_times else None,
@@ -492,6 +500,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--keep-merged", action="store_true", help="keep every merged checkpoint in --work")
+    ap.add_argument("--tune-seed", type=int, default=None,
+                    help="run the validation grids on this seed only; the other seeds reuse its choices "
+                         "(default: every seed runs its own grids)")
+    ap.add_argument("--finetune-only", action="store_true", help="fine-tune the seeds' models, then stop")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -506,14 +518,28 @@ def main(argv=None) -> dict:
     load_start = os.getloadavg()
     try:
         run.prepare()
-        seeds = [run.run_seed(s) for s in run.seeds]
+        if args.finetune_only:
+            for s in run.seeds:
+                run.finetune(s)
+            return {}
+        order = run.seeds
+        if args.tune_seed is not None:
+            if args.tune_seed not in run.seeds:
+                ap.error("--tune-seed must be one of --seeds")
+            order = [args.tune_seed] + [s for s in run.seeds if s != args.tune_seed]
+        seeds = []
+        for s in order:
+            seeds.append(run.run_seed(s))
+            if args.tune_seed is not None and s == args.tune_seed:
+                run.fixed = {fam: row["params"] for fam, row in seeds[0]["rows"].items() if "params" in row}
+        seeds.sort(key=lambda r: r["seed"])
     finally:
         run.close()
     from .report import write_report
 
     meta = {
         "command": "python -m bench.quality.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "profile": asdict(profile), "smoke": args.smoke, "seeds": run.seeds, "data_seed": args.data_seed,
+        "profile": asdict(profile), "smoke": args.smoke, "seeds": run.seeds, "tune_seed": args.tune_seed, "data_seed": args.data_seed,
         "jobs": args.jobs, "threads": args.threads, "wall_seconds": round(time.time() - run.started, 1),
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
