@@ -8,14 +8,15 @@ Reads the fine-tuned checkpoints of one seed from the benchmark's work folder an
   cosine similarity of the task vectors (encoder matrices only);
 - singular spectra of single-task deltas and of the vertical / horizontal stacks for a
   few matrices, and the share of the stack's energy in its top components;
-- with ``--merges``: each chosen merge (from results.json) is re-run through the engine
-  and compared with every task's delta: the fraction of task t's delta the merged delta
+- with ``--merges``: each chosen merge (from results.json; the checkpoint run.py left
+  on disk, else merged again through the engine) is compared with every task's delta: the fraction of task t's delta the merged delta
   carries (projection coefficient <D, D_t> / |D_t|^2) and their cosine.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shutil
@@ -81,7 +82,7 @@ def geometry(base, deltas, tasks):
 
 
 def merge_retention(work: Path, seed: int, tasks: list[str], base, deltas, results: dict) -> dict:
-    """Re-run each chosen merge and measure how much of every task's delta it keeps."""
+    """For each chosen merge (reused from disk or merged again), how much of every task's delta it keeps."""
     import drmerge
 
     from .run import MERGE_ROWS
@@ -94,19 +95,37 @@ def merge_retention(work: Path, seed: int, tasks: list[str], base, deltas, resul
         params = rows[row]["params"]
         method = "linear" if row == "linear" else "task_arithmetic" if row == "task_arithmetic" else \
             "ties" if row == "ties" else "drm"
-        dest = work / "analysis-merge"
-        shutil.rmtree(dest, ignore_errors=True)
         spec = {"models": [{"model": str(work / f"seed{seed}" / "ft" / t)} for t in tasks], "method": method,
-                "output": str(dest), "dtype": "float32", "parameters": params}
+                "output": "", "dtype": "float32", "overwrite": True}
+        if params:
+            spec["parameters"] = params
         if method != "linear":
             spec["base_model"] = str(work / "base")
-        drmerge.merge(spec, device="cpu")
+        # run.py keeps each seed's merges (in merged/, or kept/ when they were set aside);
+        # reuse the one with this exact spec, else merge again through the engine.
+        from .run import config_key
+
+        tag = hashlib.sha1(config_key(method, params).encode()).hexdigest()[:12]
+        dest = None
+        for folder in ("merged", "kept"):
+            cand = work / f"seed{seed}" / folder / tag
+            if (cand / "drmerge.json").is_file() and (cand / "bench-config.json").is_file():
+                stamped = json.loads((cand / "bench-config.json").read_text())
+                if stamped.get("parameters", {}) == spec.get("parameters", {}) and stamped["method"] == method:
+                    dest = cand
+                    break
+        fresh = dest is None
+        if fresh:
+            dest = work / "analysis-merge"
+            spec["output"] = str(dest)
+            drmerge.merge(spec, device="cpu")
         merged = _tensors(dest)
         d = torch.cat([(merged[k] - base[k]).flatten() for k in names])
         out[row] = {"params": params, "relative_norm": float(d.norm() / torch.cat([base[k].flatten() for k in names]).norm()),
                     "projection": {t: float(d @ flat[t] / (flat[t] @ flat[t])) for t in tasks},
                     "cosine": {t: float(d @ flat[t] / (d.norm() * flat[t].norm())) for t in tasks}}
-        shutil.rmtree(dest, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(dest, ignore_errors=True)
         print(row, json.dumps({k: {t: round(v, 3) for t, v in out[row][k].items()} for k in ("projection", "cosine")}),
               flush=True)
     return out

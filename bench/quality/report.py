@@ -74,7 +74,9 @@ def markdown(meta: dict, agg: dict, seeds: list[dict], tasks: list[str], analysi
           + (f"; validation grids run on seed {meta['tune_seed']} only, the other seeds reuse its choices"
              if meta.get("tune_seed") is not None and len(seeds) > 1 else "") + "  ",
           f"Wall time: {meta['wall_seconds'] / 60:.1f} min on {meta['machine']['cpus']} CPUs "
-          f"({meta['jobs']} worker process(es) x {meta['threads']} thread); load average at start "
+          f"({meta['jobs']} worker process(es) x {meta['threads']} thread; "
+          f"{meta.get('cpu_seconds_this_invocation', 0) / 60:.1f} CPU-min in this invocation, cached work excluded); "
+          f"load average at start "
           f"{meta['load_average_start'][0]}, at end {meta['load_average_end'][0]} (the box is shared)  ",
           f"Values: test accuracy in %, {'mean ± std over seeds' if spread else 'one seed'}; "
           "normalized = merged accuracy / the task's fine-tuned accuracy, averaged over tasks.", ""]
@@ -133,9 +135,9 @@ def markdown(meta: dict, agg: dict, seeds: list[dict], tasks: list[str], analysi
           f"λ ∈ {list(p['ties_scales'])}; DRM-V/H p ∈ {list(p['drm_drops'])} × λ ∈ {list(p['drm_scales'])}.",
           "- Floor: pretrained encoder frozen + a logistic-regression head (weight decay chosen on validation). "
           "'Pretrained encoder + fine-tuned heads' is the merge with λ = 0.",
-          f"- Merges run: {sum(s['merges'] for s in seeds)}; median merge time "
+          f"- Configurations merged and scored: {sum(s['merges'] for s in seeds)}; median engine call "
           f"{statistics.median([s['merge_seconds_median'] for s in seeds if s['merge_seconds_median']] or [0]):.1f} s "
-          "(engine call, CPU, includes writing the checkpoint).", ""]
+          "(wall time on the shared box, one thread, reading 7 checkpoints and writing one).", ""]
     L += ["## Tasks and splits (`splits.json` holds the SHA-256 of every split)", "",
           "| Task | What | Classes | Train / val / test |", "|---|---|---|---|"]
     for t, info in meta["splits"]["tasks"].items():
@@ -168,8 +170,7 @@ def plots(agg: dict, tasks: list[str], out: Path, seeds: list[dict]) -> list[str
         ax.text(i, means[i] + 0.5, f"{means[i]:.1f}", ha="center", va="bottom", fontsize=8)
     ax.axhline(100, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(rows)), [names[r] for r in rows], fontsize=8)
-    lo = min(means) - 10
-    ax.set_ylim(max(0, lo), 105)
+    ax.set_ylim(max(0, min(means) - 10), max(105, max(means) + 8))
     ax.set_ylabel("avg normalized test accuracy (%)")
     ax.set_title(f"6 MiniLM fine-tunes merged (normalized to each fine-tune = 100%; {len(seeds)} seed(s))")
     fig.tight_layout()
@@ -188,9 +189,18 @@ def plots(agg: dict, tasks: list[str], out: Path, seeds: list[dict]) -> list[str
             es = [100 * pts[p][split]["std"] for p in xs]
             ax.errorbar(xs, ys, yerr=es if len(seeds) > 1 else None, color=color, ls=ls, marker="o",
                         capsize=3, label=f"{'DRM-V' if fam == 'drm_v' else 'DRM-H'} ({split})")
+    tuned = [s for s in seeds if s.get("tuned", True)]
+    for fam, color in (("drm_v", "#e15759"), ("drm_h", "#f28e2b")):
+        for s in tuned:  # the configuration chosen on validation, scored on test
+            row = s["rows"][fam]
+            ax.scatter([row["params"]["drop_rate"]], [100 * row["test_normalized"]], marker="*", s=140,
+                       color=color, edgecolor="k", zorder=4,
+                       label=f"{'DRM-V' if fam == 'drm_v' else 'DRM-H'} chosen (test)" if s is tuned[0] else None)
     for row, ls in (("ties", "--"), ("task_arithmetic", "-.")):
-        ax.axhline(100 * agg[row]["avg_normalized"]["mean"], color="#8da0cb", ls=ls, lw=1,
-                   label=f"{LABELS[row]} (test)")
+        best_val = statistics.fmean(max(g["val_normalized"] for g in s["grids"][row]) for s in tuned)
+        ax.axhline(100 * best_val, color="#8da0cb", ls=ls, lw=1, label=f"{LABELS[row]}, best (val)")
+        ax.axhline(100 * agg[row]["avg_normalized"]["mean"], color="#8da0cb", ls=ls, lw=1, alpha=0.4,
+                   label=f"{LABELS[row]}, chosen (test)")
     ax.set_xlabel("drop rate p")
     ax.set_ylabel("avg normalized accuracy (%)")
     ax.set_title("DRM: effect of drop rate (λ re-chosen on val per p)")
