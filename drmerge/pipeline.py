@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import __version__
+from .adapters import AdapterReader, is_adapter_dir, merge_with_adapters, plan_with_adapters
 from .checkpoint import DTYPES, INDEX_FILE, MAX_SMALL_FILE_BYTES, CheckpointReader, ShardWriter, index_json, shard_names
 from .errors import Cancelled, MergeError
 from .methods import COPY, merge_tensor
@@ -80,17 +81,26 @@ class Inputs:
         self.spec = spec
         self.storages: list[Storage] = []
         self.base = self._open(spec.base_model, s3_options) if spec.base_model else None
-        self.models = [self._open(m.model, s3_options) for m in spec.models]
+        self.models = [self._open(m.model, s3_options, i) for i, m in enumerate(spec.models)]
         uris = [m.model for m in spec.models]
-        reference = self.base or self.models[0]
-        self.reference = reference
-        self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
-                                     uris if self.base else uris[1:])
+        self.adapters = [m for m in self.models if isinstance(m, AdapterReader)]
+        if self.adapters or spec.output_format == "adapter":  # LoRA inputs: see adapters.py
+            self.reference, self.plan = plan_with_adapters(spec, self.base, self.models, uris)
+        else:
+            reference = self.base or self.models[0]
+            self.reference = reference
+            self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
+                                         uris if self.base else uris[1:])
         self.weights = torch.tensor([m.weight for m in spec.models], dtype=COMPUTE_DTYPE)
 
-    def _open(self, uri: str, s3_options) -> CheckpointReader:
+    def _open(self, uri: str, s3_options, index: int | None = None) -> CheckpointReader | AdapterReader:
         storage = open_storage(uri, s3_options)
         self.storages.append(storage)
+        if is_adapter_dir(storage):
+            if index is None:
+                raise MergeError("invalid_spec", f"base_model {uri} is a LoRA adapter (it holds adapter_config.json); "
+                                 "the base must be a full checkpoint", param="base_model")
+            return AdapterReader(storage, f"models[{index}] ({uri})", param=f"models[{index}].model")
         return CheckpointReader(storage)
 
     def read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -99,7 +109,7 @@ class Inputs:
 
     def nbytes(self, name: str) -> int:
         readers = ([self.base] if self.base else []) + self.models
-        return sum(r.tensors[name].length for r in readers)
+        return sum(r.nbytes(name) if isinstance(r, AdapterReader) else r.tensors[name].length for r in readers)
 
     def close(self) -> None:
         for s in self.storages:
@@ -120,6 +130,8 @@ def merge_one(inputs: Inputs, tp: TensorPlan, base: torch.Tensor | None, tensors
     out_dtype = DTYPES[tp.out.dtype][0]
     if tp.kind == COPY:
         return (base if base is not None else tensors[0]).to(out_dtype)
+    if inputs.adapters:  # some task deltas are LoRA factors (or absent): adapters.py
+        return merge_with_adapters(inputs, tp, base, tensors, device).to(dtype=out_dtype).cpu()
     b = base.to(device=device, dtype=COMPUTE_DTYPE) if base is not None else None
     stack = torch.stack([t.to(device=device, dtype=COMPUTE_DTYPE) for t in tensors])
     _check_finite(spec, tp.name, b, stack)
@@ -231,6 +243,11 @@ def _preflight_output(spec: MergeSpec, out: Storage) -> None:
 def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | None = None,
               should_cancel: CancelFn | None = None, s3_options: dict | None = None) -> MergeResult:
     """Merge ``spec`` end to end and return what was written. Raises ``MergeError``."""
+    if spec.output_format == "adapter":  # a PEFT adapter instead of a checkpoint
+        from .adapter_output import run_adapter_merge
+
+        return run_adapter_merge(spec, device=device, progress=progress, should_cancel=should_cancel,
+                                 s3_options=s3_options)
     started = time.perf_counter()
     created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
     dev = resolve_device(device)
