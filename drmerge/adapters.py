@@ -169,6 +169,7 @@ class AdapterReader:
 
     def _modules(self, raw: dict[str, TensorInfo]) -> dict[str, LoraModule]:
         factors: dict[str, dict[str, TensorInfo]] = {}
+        others = []
         for name, info in raw.items():
             key = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
             if key.endswith(A_SUFFIX):
@@ -176,7 +177,8 @@ class AdapterReader:
             elif key.endswith(B_SUFFIX):
                 factors.setdefault(key[:-len(B_SUFFIX)], {})["B"] = info
             else:
-                self._unsupported_tensor(key)
+                others.append(key)
+        self._check_tensors(others)
         self._check_config(next(iter(sorted(factors)), None))
         if not factors:
             raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_WEIGHTS} holds no LoRA factors", param=self.param)
@@ -218,16 +220,24 @@ class AdapterReader:
             modules[key] = LoraModule(key, a, b, rank, float(alpha), float(scaling), fifo)
         return modules
 
-    def _unsupported_tensor(self, key: str):
-        if "lora_magnitude_vector" in key:
-            self._refuse(REFUSED_FLAGS["use_dora"], key.split(".lora_magnitude_vector")[0])
-        if "lora_embedding_" in key:
-            self._refuse("embedding LoRA (lora_embedding_A/B) is not supported", key.split(".lora_embedding_")[0])
-        if ".lora_A." in key or ".lora_B." in key:
-            self._refuse(f"tensor {key} is not a LoRA weight factor (LoRA biases are not supported)",
-                         re.split(r"\.lora_[AB]\.", key)[0])
-        self._refuse(f"tensor {key} is not a LoRA factor (modules_to_save, trained biases and "
-                     "trainable tokens are not supported)", key.rsplit(".", 1)[0])
+    def _check_tensors(self, others: list[str]) -> None:
+        """Refuse tensors that are not LoRA weight factors, most specific reason first."""
+        for key in others:
+            if "lora_magnitude_vector" in key:
+                self._refuse(REFUSED_FLAGS["use_dora"], key.split(".lora_magnitude_vector")[0])
+        for key in others:
+            if "lora_embedding_" in key:
+                self._refuse("embedding LoRA (lora_embedding_A/B) is not supported", key.split(".lora_embedding_")[0])
+        for key in others:
+            if ".lora_A." in key or ".lora_B." in key:
+                self._refuse(f"tensor {key} is not a LoRA weight factor (LoRA biases are not supported)",
+                             re.split(r"\.lora_[AB]\.", key)[0])
+        mts = self.config.get("modules_to_save")
+        if mts:
+            self._refuse(REFUSED_FLAGS["modules_to_save"], ", ".join(map(str, mts)) if isinstance(mts, list) else str(mts))
+        if others:
+            self._refuse(f"tensor {others[0]} is not a LoRA factor (modules_to_save, trained biases and "
+                         "trainable tokens are not supported)", others[0].rsplit(".", 1)[0])
 
     # ------------------------------------------------------------------ mapping onto the base
 
