@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .checkpoint import DTYPES, TensorInfo, parse_header
+from .checkpoint import DTYPES, MAX_SMALL_FILE_BYTES, TensorInfo, parse_header
 from .errors import MergeError
 from .methods.drm_lowrank import LowRank
 from .storage import Storage
@@ -120,6 +120,10 @@ class AdapterReader:
         raise MergeError(code, f"{self.label}: {what}{where}; drmerge merges plain LoRA adapters only", param=self.param)
 
     def _read_config(self) -> dict:
+        size = self.storage.size(ADAPTER_CONFIG)
+        if size > MAX_SMALL_FILE_BYTES:
+            raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_CONFIG} is {size} bytes, more than a "
+                             f"config can be ({MAX_SMALL_FILE_BYTES})", param=self.param)
         try:
             cfg = json.loads(self.storage.read_bytes(ADAPTER_CONFIG))
         except (ValueError, UnicodeDecodeError) as e:
@@ -161,9 +165,16 @@ class AdapterReader:
                          "convert it to a plain LoRA first (PEFT save_pretrained(..., "
                          "path_initial_model_for_weight_conversion=...))", first_module)
         for key in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(cfg.get(key) or {}, dict):
+            patterns = cfg.get(key) or {}
+            if not isinstance(patterns, dict):
                 raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_CONFIG} {key} must be a mapping",
                                  param=self.param)
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_CONFIG} {key} key {pattern!r} is "
+                                     f"not a valid regular expression ({e})", param=self.param) from None
 
     # ------------------------------------------------------------------ tensors
 

@@ -352,7 +352,8 @@ def _file_entry(name: str, data: bytes) -> dict:
 def _remove_stale_weights(out: Storage, keep: set[str]) -> None:
     """After an overwrite, drop weight files of the previous merge that the new one lacks."""
     for name in out.list_files():
-        if name not in keep and (name.startswith("model") and name.endswith(".safetensors") or name == INDEX_FILE):
+        if name not in keep and (name.startswith("model") and name.endswith(".safetensors") or name == INDEX_FILE
+                                 or name.startswith("adapter_")):  # a previous adapter output (adapter_output.py)
             out.delete(name)
 
 

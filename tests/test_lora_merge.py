@@ -185,3 +185,89 @@ def test_cli_merges_adapters(models, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["tensors"] == 28  # lora_A + lora_B for 14 modules
     assert json.load(open(tmp_path / "out" / "adapter_config.json"))["r"] == 8
+
+
+def test_adapter_output_equals_full_output_when_lossless(models, tmp_path):
+    """Same spec, two outputs: PEFT's merge of the adapter output is the full output."""
+    spec = {"base_model": models["base"], "models": models["adapters"], "parameters": {"direction": "horizontal"}}
+    merge({**spec, "output": str(tmp_path / "full")}, device="cpu")
+    merge({**spec, "output": str(tmp_path / "ad"), "output_format": "adapter"}, device="cpu")
+    full = load_model(str(tmp_path / "full")).state_dict()
+    via_peft = peft_merged(models["base"], str(tmp_path / "ad"))
+    base = state(models["base"])
+    for name, b in base.items():
+        if torch.equal(full[name], b):
+            assert torch.equal(via_peft[name], b)
+        else:
+            assert rel(via_peft[name] - b, full[name] - b) < 1e-4, name
+
+
+def test_adapter_output_partial_modules_and_small_sides(models, tmp_path):
+    """select.ignore drops layer 1 (target_modules become exact names) and a rank above the
+    k/v projections' short side (32) gives them a rank_pattern entry; PEFT loads both."""
+    out = str(tmp_path / "out")
+    result = merge({"base_model": models["base"], "models": models["adapters"], "output": out,
+                    "output_format": "adapter", "adapter_rank": 40, "select": {"ignore": [r".*layers\.1\..*"]}},
+                   device="cpu")
+    assert any("select.ignore" in w for w in result.warnings)
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert cfg["r"] == 40
+    assert sorted(cfg["target_modules"]) == sorted(f"model.layers.0.{'self_attn' if t[0] in 'qkvo' else 'mlp'}.{t}"
+                                                    for t in TARGETS)
+    assert cfg["rank_pattern"] == {r"model\.layers\.0\.self_attn\.k_proj": 32, r"model\.layers\.0\.self_attn\.v_proj": 32}
+    got = peft_merged(models["base"], out)
+    base = state(models["base"])
+    for name, b in base.items():
+        if ".layers.1." in name or not any(t in name for t in TARGETS):
+            assert torch.equal(got[name], b), name
+        else:
+            want = drm_matrix_delta(torch.stack(models["deltas"][name][:3]), torch.ones(3).double(), Parameters())
+            assert rel(got[name] - b, want) < 1e-4, name
+
+
+def test_adapter_on_a_vector_like_matrix(models, tmp_path):
+    """lm_head is excluded from DRM's matrix rule by default: an adapter on it is merged
+    with the vector-like (TIES-style) rule on the materialised deltas, in both outputs."""
+    d = tmp_path
+    heads = [make_adapter(models["base"], str(d / f"h{i}"), seed=10 + i, r=4, target_modules=["q_proj", "lm_head"])
+             for i in range(2)]
+    ds = engine_deltas(models["base"], heads)["lm_head.weight"]
+    want = drm_vector_delta(torch.stack(ds), torch.ones(2).double(), Parameters())
+    merge({"base_model": models["base"], "models": heads, "output": str(d / "full")}, device="cpu")
+    b = state(models["base"])["lm_head.weight"]
+    assert rel(state(str(d / "full"))["lm_head.weight"] - b, want) < 1e-4
+    merge({"models": heads, "output": str(d / "ad"), "output_format": "adapter", "adapter_rank": 64}, device="cpu")
+    assert rel(peft_merged(models["base"], str(d / "ad"))["lm_head.weight"] - b, want) < 1e-4
+
+
+def test_gpt2_adapter_output_round_trip(tmp_path):
+    """Conv1D layers (fan_in_fan_out): full output == PEFT's merge of the adapter output."""
+    base = make_base(str(tmp_path / "base"), kind="gpt2")
+    ads = [make_adapter(base, str(tmp_path / f"a{i}"), seed=i, r=4, lora_alpha=8, fan_in_fan_out=True,
+                        target_modules=["c_attn", "c_proj"]) for i in range(2)]
+    merge({"base_model": base, "models": ads, "output": str(tmp_path / "full")}, device="cpu")
+    merge({"models": ads, "output": str(tmp_path / "ad"), "output_format": "adapter"}, device="cpu")
+    assert json.load(open(tmp_path / "ad" / "adapter_config.json"))["fan_in_fan_out"] is True
+    full = state(str(tmp_path / "full"))
+    via_peft = peft_merged(base, str(tmp_path / "ad"))
+    b = state(base)
+    changed = [n for n in b if not torch.equal(full[n], b[n])]
+    assert len(changed) == 6  # c_attn, attn.c_proj and mlp.c_proj in 2 layers
+    for n in changed:
+        assert rel(via_peft[n] - b[n], full[n] - b[n]) < 1e-4, n
+
+
+def test_cancel_and_overwrite(models, tmp_path):
+    from drmerge.errors import MergeError
+
+    out = str(tmp_path / "out")
+    spec = {"models": models["adapters"], "output": out, "output_format": "adapter"}
+    with pytest.raises(MergeError) as e:
+        merge(spec, device="cpu", should_cancel=lambda: True)
+    assert e.value.code == "cancelled" and not os.path.exists(out)
+    merge(spec, device="cpu")
+    with pytest.raises(MergeError) as e:
+        merge(spec, device="cpu")
+    assert e.value.code == "output_exists"
+    merge({**spec, "overwrite": True, "adapter_rank": 2}, device="cpu")
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["r"] == 2

@@ -167,3 +167,9 @@ def test_adapter_rank_only_with_adapter_output(tmp_path):
     with pytest.raises(MergeError) as e:
         parse_spec({"base_model": "b", "models": ["a"], "output": "o", "adapter_rank": 8})
     assert e.value.code == "invalid_spec" and e.value.param == "adapter_rank"
+
+
+def test_bad_rank_pattern_regex(env, tmp_path):
+    bad = copy_good(env, tmp_path)
+    edit_config(bad, rank_pattern={"q_proj(": 2})
+    refused(spec_for(env, tmp_path, bad), "corrupt_checkpoint", "rank_pattern", "q_proj(", bad)
