@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import re
 import time
 from dataclasses import asdict
@@ -30,11 +31,13 @@ import torch
 from . import __version__
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterReader, task_deltas
 from .checkpoint import CODE_OF, DTYPES, OutTensor, ShardWriter
-from .errors import Cancelled, MergeError
+from .errors import Cancelled, Interrupted, MergeError
 from .methods import COPY
 from .methods.drm_lowrank import LowRank, dense_to_lowrank, mixed_merged_delta, truncated
 from .spec import MergeSpec
 from .storage import open_storage
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RANK_CAP = 64
 
@@ -124,10 +127,17 @@ def merged_module(inputs, tp, factors: list, device: torch.device, rank: int) ->
 
 
 def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, should_cancel=None,
-                      s3_options: dict | None = None):
-    """``pipeline.run_merge`` for ``output_format: adapter`` (same contract and cleanup)."""
-    from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _preflight_output,
-                           _remove_empty_local_dir, _remove_stale_weights, resolve_device)
+                      s3_options: dict | None = None, completed_shards: list[dict] | None = None,
+                      on_shard=None, should_pause=None, owns_output=None):
+    """``pipeline.run_merge`` for ``output_format: adapter``: same contract, hooks and cleanup.
+
+    One difference: the adapter is one small file written at the end, so there are no
+    shards to keep. A resumed run (``completed_shards`` given) returns an output already
+    complete for this spec, else starts over; a pause keeps nothing. Committed files are
+    still reported through ``on_shard`` so an abandoned run's leftovers can be removed.
+    """
+    from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _finished_output, _preflight_output,
+                           _remove_empty_local_dir, _remove_stale_weights, plan_fingerprint, resolve_device)
 
     started = time.perf_counter()
     created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
@@ -147,8 +157,23 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
     written: list[str] = []
     timings = {"plan_s": 0.0, "read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "total_s": 0.0}
     try:
+        if completed_shards is not None:
+            done = _finished_output(spec, out, dev)
+            if done is not None:
+                report("done")
+                return done
         _preflight_output(spec, out)
+        if completed_shards is not None:
+            out.abort_stale_writes()
+        fingerprint = plan_fingerprint(spec, inputs)
+
+        def record(entry: dict) -> None:
+            if on_shard is not None:
+                on_shard(dict(entry, plan=fingerprint))
+
         warnings = list(inputs.plan.warnings)
+        for warning in warnings:
+            log.warning(warning)
         modules = _modules(inputs)
         if not modules:
             raise MergeError("invalid_spec", "no adapted module is merged (select.ignore keeps all of them at the base)",
@@ -173,6 +198,9 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
         for tp, key, n_out, n_in, fifo in modules:
             if should_cancel is not None and should_cancel():
                 raise Cancelled()
+            if should_pause is not None and should_pause():
+                raise Interrupted("the merge was interrupted; an adapter output is written whole at the end, "
+                                  "so nothing was kept", kept=0)
             t0 = time.perf_counter()
             factors = [m.read(tp.name) for m in inputs.models]
             state.bytes_read += sum(m.nbytes(tp.name) for m in inputs.models)
@@ -200,18 +228,21 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
         files = [writer.commit()]
         written.append(ADAPTER_WEIGHTS)
         writer = None
+        record(files[0])
         config = adapter_config(spec, inputs.adapters, modules, rank, ranks, warnings)
         data = json.dumps(config, indent=2).encode()
         out.write_bytes(ADAPTER_CONFIG, data)
         written.append(ADAPTER_CONFIG)
         files.append(_file_entry(ADAPTER_CONFIG, data))
+        record(files[-1])
         if spec.overwrite:
             _remove_stale_weights(out, {f["name"] for f in files})
         seconds = time.perf_counter() - started
         timings["total_s"] = seconds
         result = MergeResult(output=spec.output, files=files, tensors=len(planned), bytes_read=state.bytes_read,
                              bytes_written=state.bytes_written, seconds=seconds,
-                             timings={k: round(v, 4) for k, v in timings.items()}, warnings=warnings, device=str(dev))
+                             timings={k: round(v, 4) for k, v in timings.items()}, warnings=warnings, device=str(dev),
+                             resumed={"shards_kept": 0, "tensors_skipped": 0} if completed_shards is not None else None)
         adapter = {"rank": rank, "energy_kept": kept_sum / total_sum if total_sum > 0 else 1.0, "modules": energy}
         marker = {"spec": spec.to_dict(), "engine": {"name": "drmerge", "version": __version__},
                   "created_at": created_at, "device": str(dev), "files": files, "tensors": len(planned),
@@ -222,6 +253,21 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
     except BaseException as e:
         if writer is not None:
             writer.abort()
+        paused = isinstance(e, Interrupted)
+        if not paused and not isinstance(e, Cancelled) and should_pause is not None:
+            try:
+                paused = bool(should_pause())
+            except Exception:
+                pass
+        if not paused and owns_output is not None:
+            try:
+                paused = not owns_output()
+            except Exception:
+                paused = True  # cannot tell: deleting might destroy a newer run's output
+        if paused:  # as run_merge: what is committed may belong to a newer attempt; keep it
+            if isinstance(e, Interrupted):
+                raise
+            raise Interrupted(f"the merge stopped while a pause was requested ({e})", kept=0) from e
         for name in written:
             out.delete(name)
         _remove_empty_local_dir(out)

@@ -22,11 +22,13 @@ import math
 import re
 from dataclasses import dataclass, replace
 
+import regex
 import torch
 
 from .checkpoint import DTYPES, MAX_SMALL_FILE_BYTES, TensorInfo, parse_header
 from .errors import MergeError
 from .methods.drm_lowrank import LowRank
+from .plan import MATCH_TIMEOUT_S
 from .storage import Storage
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -89,9 +91,12 @@ class LoraModule:
 def pattern_key(patterns, module_key: str) -> str | None:
     """The ``rank_pattern``/``alpha_pattern`` key that applies to a module, as PEFT picks
     it (``peft.utils.other.get_pattern_key``): the first key ``k`` in order for which
-    ``(.*\\.)?(k)$`` matches the module name from its start."""
+    ``(.*\\.)?(k)$`` matches the module name from its start.
+
+    Keys are regular expressions from an input file, so each match is bounded in time like
+    the spec's select patterns (a ``TimeoutError`` escapes to the caller)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_key):
+        if regex.match(rf"(.*\.)?({key})$", module_key, timeout=MATCH_TIMEOUT_S):
             return key
     return None
 
@@ -171,8 +176,8 @@ class AdapterReader:
                                  param=self.param)
             for pattern in patterns:
                 try:
-                    re.compile(pattern)
-                except re.error as e:
+                    regex.compile(rf"(.*\.)?({pattern})$")
+                except (regex.error, TypeError) as e:
                     raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_CONFIG} {key} key {pattern!r} is "
                                      f"not a valid regular expression ({e})", param=self.param) from None
 
@@ -217,14 +222,19 @@ class AdapterReader:
             if b.shape[1] != rank:
                 raise MergeError("corrupt_checkpoint", f"{self.label}: module {key}: lora_B {list(b.shape)} and "
                                  f"lora_A {list(a.shape)} disagree on the rank", param=self.param)
-            rkey = pattern_key(rank_pattern, key)
+            try:
+                rkey = pattern_key(rank_pattern, key)
+                akey = pattern_key(alpha_pattern, key)
+            except TimeoutError:
+                raise MergeError("corrupt_checkpoint", f"{self.label}: a rank_pattern/alpha_pattern key in "
+                                 f"{ADAPTER_CONFIG} takes too long to match module {key} (catastrophic "
+                                 "backtracking)", param=self.param) from None
             r_config = self._config_number(f"rank_pattern[{rkey!r}]", rank_pattern[rkey], integer=True) \
                 if rkey is not None else r_default
             if r_config != rank:
                 raise MergeError("corrupt_checkpoint", f"{self.label}: module {key}: {ADAPTER_CONFIG} gives r={r_config}"
                                  f"{f' (rank_pattern {rkey!r})' if rkey is not None else ''} but its factors have rank "
                                  f"{rank}", param=self.param)
-            akey = pattern_key(alpha_pattern, key)
             alpha = self._config_number(f"alpha_pattern[{akey!r}]", alpha_pattern[akey]) \
                 if akey is not None else alpha_default
             scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
@@ -322,6 +332,13 @@ class AdapterReader:
         if info.length == 0:
             return torch.empty(info.shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+    def fingerprint(self) -> str:
+        """What this adapter's deltas depend on (for resume): its config and where each
+        factor lives in its file."""
+        factors = [[m.key, m.a.start, m.a.length, m.a.dtype, m.b.start, m.b.length, m.b.dtype]
+                   for m in self.modules.values()]
+        return json.dumps([self.storage.uri, self.config, factors], sort_keys=True, default=str)
 
     def nbytes(self, name: str) -> int:
         mod = self.by_name.get(name)
