@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import __version__
+from .adapters import AdapterReader, is_adapter_dir, merge_with_adapters, plan_with_adapters
 from .checkpoint import (DTYPES, INDEX_FILE, MAX_SMALL_FILE_BYTES, CheckpointReader, ShardWriter, index_json,
                          shard_header, shard_names)
 from .errors import Cancelled, Interrupted, MergeError
@@ -94,17 +95,26 @@ class Inputs:
         self.spec = spec
         self.storages: list[Storage] = []
         self.base = self._open(spec.base_model, s3_options) if spec.base_model else None
-        self.models = [self._open(m.model, s3_options) for m in spec.models]
+        self.models = [self._open(m.model, s3_options, i) for i, m in enumerate(spec.models)]
         uris = [m.model for m in spec.models]
-        reference = self.base or self.models[0]
-        self.reference = reference
-        self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
-                                     uris if self.base else uris[1:])
+        self.adapters = [m for m in self.models if isinstance(m, AdapterReader)]
+        if self.adapters or spec.output_format == "adapter":  # LoRA inputs: see adapters.py
+            self.reference, self.plan = plan_with_adapters(spec, self.base, self.models, uris)
+        else:
+            reference = self.base or self.models[0]
+            self.reference = reference
+            self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
+                                         uris if self.base else uris[1:])
         self.weights = torch.tensor([m.weight for m in spec.models], dtype=COMPUTE_DTYPE)
 
-    def _open(self, uri: str, s3_options) -> CheckpointReader:
+    def _open(self, uri: str, s3_options, index: int | None = None) -> CheckpointReader | AdapterReader:
         storage = open_storage(uri, s3_options)
         self.storages.append(storage)
+        if is_adapter_dir(storage):
+            if index is None:
+                raise MergeError("invalid_spec", f"base_model {uri} is a LoRA adapter (it holds adapter_config.json); "
+                                 "the base must be a full checkpoint", param="base_model")
+            return AdapterReader(storage, f"models[{index}] ({uri})", param=f"models[{index}].model")
         return CheckpointReader(storage)
 
     def read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -113,7 +123,7 @@ class Inputs:
 
     def nbytes(self, name: str) -> int:
         readers = ([self.base] if self.base else []) + self.models
-        return sum(r.tensors[name].length for r in readers)
+        return sum(r.nbytes(name) if isinstance(r, AdapterReader) else r.tensors[name].length for r in readers)
 
     def close(self) -> None:
         for s in self.storages:
@@ -134,6 +144,8 @@ def merge_one(inputs: Inputs, tp: TensorPlan, base: torch.Tensor | None, tensors
     out_dtype = DTYPES[tp.out.dtype][0]
     if tp.kind == COPY:
         return (base if base is not None else tensors[0]).to(out_dtype)
+    if inputs.adapters:  # some task deltas are LoRA factors (or absent): adapters.py
+        return merge_with_adapters(inputs, tp, base, tensors, device).to(dtype=out_dtype).cpu()
     b = base.to(device=device, dtype=COMPUTE_DTYPE) if base is not None else None
     stack = torch.stack([t.to(device=device, dtype=COMPUTE_DTYPE) for t in tensors])
     _check_finite(spec, tp.name, b, stack)
@@ -262,6 +274,8 @@ def plan_fingerprint(spec: MergeSpec, inputs: Inputs) -> str:
     for reader in ([inputs.base] if inputs.base else []) + inputs.models:
         for name, info in sorted(getattr(reader, "tensors", {}).items()):
             h.update(json.dumps([name, info.file, info.start, info.length, info.dtype]).encode())
+        if isinstance(reader, AdapterReader):  # its factors' locations and its config (scaling)
+            h.update(reader.fingerprint().encode())
     return h.hexdigest()
 
 
@@ -371,6 +385,12 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
     the job record, so a worker that lost its job to a newer attempt never deletes shards
     that attempt has verified and kept.
     """
+    if spec.output_format == "adapter":  # a PEFT adapter instead of a checkpoint: adapter_output.py
+        from .adapter_output import run_adapter_merge
+
+        return run_adapter_merge(spec, device=device, progress=progress, should_cancel=should_cancel,
+                                 s3_options=s3_options, completed_shards=completed_shards, on_shard=on_shard,
+                                 should_pause=should_pause, owns_output=owns_output)
     started = time.perf_counter()
     created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
     dev = resolve_device(device)
@@ -523,7 +543,8 @@ def _file_entry(name: str, data: bytes) -> dict:
 def _remove_stale_weights(out: Storage, keep: set[str]) -> None:
     """After an overwrite, drop weight files of the previous merge that the new one lacks."""
     for name in out.list_files():
-        if name not in keep and (name.startswith("model") and name.endswith(".safetensors") or name == INDEX_FILE):
+        if name not in keep and (name.startswith("model") and name.endswith(".safetensors") or name == INDEX_FILE
+                                 or name.startswith("adapter_")):  # a previous adapter output (adapter_output.py)
             out.delete(name)
 
 

@@ -288,8 +288,9 @@ def parse_spec(data, base_dir: str | None = None) -> MergeSpec:
     kw["method"] = _choice(data.get("method", "drm"), METHODS, "method")
     if data.get("base_model") is not None:
         kw["base_model"] = _uri(data["base_model"], "base_model", base_dir)
-    elif kw["method"] != "linear":
-        _fail("base_model", f"is required for method {kw['method']!r} (only 'linear' merges without a base)")
+    elif kw["method"] != "linear" and data.get("output_format") != "adapter":
+        _fail("base_model", f"is required for method {kw['method']!r} (only 'linear' merges, and merges of "
+              "LoRA adapters into an adapter, work without a base)")
     if "parameters" in data:
         kw["parameters"] = _parameters(data["parameters"] if data["parameters"] is not None else {})
     if "select" in data:
@@ -308,6 +309,8 @@ def parse_spec(data, base_dir: str | None = None) -> MergeSpec:
         r = data["adapter_rank"]
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 65536:
             _fail("adapter_rank", f"must be an integer in [1, 65536], got {r!r}")
+        if kw.get("output_format", "full") != "adapter":
+            _fail("adapter_rank", "only applies with output_format: adapter")
         kw["adapter_rank"] = r
     spec = MergeSpec(**kw)
     inputs = spec.uris()[:-1]
