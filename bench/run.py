@@ -21,7 +21,7 @@ from . import measure
 from .workloads import WORK, build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+RESULTS = os.environ.get("BENCH_RESULTS") or os.path.join(HERE, "results")
 PY = sys.executable
 
 

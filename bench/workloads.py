@@ -22,7 +22,7 @@ import torch
 
 from .synth import task_delta
 
-WORK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_work")
+WORK = os.environ.get("BENCH_WORK") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "_work")
 
 SPECS = {
     "w1": dict(arch="bert", tasks=6, dtype="float32", scale=1e-3, shard=None),

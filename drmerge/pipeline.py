@@ -24,7 +24,8 @@ import torch
 from . import __version__
 from .checkpoint import DTYPES, INDEX_FILE, MAX_SMALL_FILE_BYTES, CheckpointReader, ShardWriter, index_json, shard_names
 from .errors import Cancelled, MergeError
-from .methods import COPY, merge_tensor
+from .methods import COPY, MATRIX, merged_delta
+from .methods.elementwise import is_elementwise, merge_elementwise
 from .plan import Plan, TensorPlan, build_plan
 from .spec import MergeSpec
 from .storage import Storage, open_storage
@@ -115,15 +116,31 @@ def _check_finite(spec: MergeSpec, name: str, base, tensors) -> None:
 
 def merge_one(inputs: Inputs, tp: TensorPlan, base: torch.Tensor | None, tensors: list[torch.Tensor],
               device: torch.device) -> torch.Tensor:
-    """Merge one tensor (already read) and return it in its output dtype, on the CPU."""
+    """Merge one tensor (already read) and return it in its output dtype, on the CPU.
+
+    Memory: element-wise merges run chunk by chunk (methods.elementwise); a DRM matrix
+    is converted once into a preallocated float32 stack whose deltas are formed in place,
+    and the buffers as read are released (``tensors`` is emptied) as soon as it is built.
+    """
     spec = inputs.spec
     out_dtype = DTYPES[tp.out.dtype][0]
     if tp.kind == COPY:
         return (base if base is not None else tensors[0]).to(out_dtype)
-    b = base.to(device=device, dtype=COMPUTE_DTYPE) if base is not None else None
-    stack = torch.stack([t.to(device=device, dtype=COMPUTE_DTYPE) for t in tensors])
+    if is_elementwise(spec.method, tp.kind, MATRIX):
+        def check(b, stack):
+            _check_finite(spec, tp.name, b, stack)
+        return merge_elementwise(spec.method, base, tensors, inputs.weights, spec.parameters,
+                                 compute_dtype=COMPUTE_DTYPE, device=device, out_dtype=out_dtype, check_finite=check)
+    stack = torch.empty((len(tensors),) + tuple(tensors[0].shape), dtype=COMPUTE_DTYPE, device=device)
+    for i, t in enumerate(tensors):
+        stack[i].copy_(t)
+    tensors.clear()
+    b = base.to(device=device, dtype=COMPUTE_DTYPE)
     _check_finite(spec, tp.name, b, stack)
-    merged = merge_tensor(spec.method, tp.kind, b, stack, inputs.weights.to(device), spec.parameters)
+    stack -= b  # D_t, in place
+    delta = merged_delta(spec.method, tp.kind, stack, inputs.weights.to(device), spec.parameters)
+    del stack
+    merged = delta.mul_(spec.parameters.scale).add_(b)  # W0 + lam * D, as merge_tensor computes it
     return merged.to(dtype=out_dtype).cpu()
 
 
@@ -155,6 +172,7 @@ def merged_tensors(inputs: Inputs, names: Iterable[str], device: torch.device,
             if progress_bytes:
                 progress_bytes(inputs.nbytes(tp.name))
             merged = merge_one(inputs, tp, base, tensors, device)
+            del base, tensors  # the buffers as read are not kept alive while the writer works
             timings["read_wait_s"] += t1 - t0
             timings["compute_s"] += time.perf_counter() - t1
             yield tp, merged

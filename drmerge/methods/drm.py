@@ -86,9 +86,9 @@ def _work_dtype(deltas: torch.Tensor) -> torch.dtype:
     return deltas.dtype
 
 
-# Multiply-adds of the Gram GEMM below which every GEMM runs in float64: ~0.1 s on one
-# CPU core; covers 768x768 with 6 models and every matrix of a side <= 512.
-_EXACT_WORK = 2**32
+# Multiply-adds of the Gram GEMM up to which every GEMM runs in float64 (~25 ms on one
+# CPU core): every matrix with sides <= 128 for up to 256 models, 512x512 with 8.
+_EXACT_WORK = 2**30
 
 
 def _top_eigenpairs(gram: torch.Tensor, rank_threshold: float):
