@@ -52,7 +52,7 @@ def elect_signs(stack: torch.Tensor, fallback: torch.Tensor | None = None) -> to
 
     Where that sum is exactly zero, the sign of the sum of all elected signs is used,
     so every entry gets a definite sign. ``fallback`` supplies that sign when the stack
-    is one chunk of a larger tensor (see ``elected_sign_sum``).
+    is one chunk of a larger tensor (see methods.elementwise).
     """
     total = stack.sum(dim=0)
     sigma = torch.sign(total)
@@ -67,11 +67,6 @@ def fallback_sign(sign_sum: torch.Tensor) -> torch.Tensor:
     if fallback == 0:
         fallback = torch.ones((), dtype=fallback.dtype, device=fallback.device)
     return fallback
-
-
-def elected_sign_sum(stack: torch.Tensor) -> torch.Tensor:
-    """Sum of the elected signs of one chunk (before the fallback); add over chunks."""
-    return torch.sign(stack.sum(dim=0)).sum()
 
 
 def combine(stack: torch.Tensor, weights: torch.Tensor, *, sign_election: bool,

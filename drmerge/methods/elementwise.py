@@ -3,10 +3,11 @@ tensors) executed chunk by chunk, so that a large tensor (a 32000 x 4096 embeddi
 needs T float32 copies of itself plus their temporaries: memory per tensor is the inputs
 as read, the output, and a few chunks.
 
-The result equals the whole-tensor functions (``merge_tensor``) exactly. The only
-quantities that span a whole tensor are computed first: each model's top-k keep-mask
-threshold (``TopMask``) and the fallback sign of the sign election (summed over chunks);
-every chunk then goes through the same ``combine`` as a whole tensor would.
+The result equals the whole-tensor functions (``merge_tensor``) exactly. Two quantities
+span a whole tensor: each model's top-k keep-mask threshold (``TopMask``), computed
+first, and the fallback sign of the sign election, summed over the chunks as they are
+merged (the few chunks it changes are merged again). Every chunk goes through the same
+``combine`` as a whole tensor would.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import torch
 
 from ..errors import MergeError
 from ..spec import Parameters
-from .common import TopMask, combine, elected_sign_sum, fallback_sign
+from .common import TopMask, combine, fallback_sign
 from .linear import linear_weights
 from .task_arithmetic import task_arithmetic_delta
 
-CHUNK_ELEMENTS = 1 << 22  # per model: 16 MB of float32
+CHUNK_ELEMENTS = 1 << 20  # per model: 4 MB of float32 (a chunk's temporaries stay ~100 MB at T=6)
 
 
 def is_elementwise(method: str, kind: str, matrix_kind: str) -> bool:
@@ -73,31 +74,43 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
         return bc, stack
 
     elect_on_weighted = method == "ties"
-    fallback = None
-    if method in ("ties", "drm") and p.sign_election and len(spans) > 1:
-        total = 0.0
-        seen = [0] * len(flats)
-        for a, b in spans:
-            _, stack = trimmed(a, b, seen)
-            if elect_on_weighted:
-                stack *= w.reshape(-1, 1)
-            total += float(elected_sign_sum(stack))
-        fallback = fallback_sign(torch.tensor(total, dtype=compute_dtype, device=device))
-
+    electing = method in ("ties", "drm") and p.sign_election
     out = torch.empty(n, dtype=out_dtype)
     seen = [0] * len(flats)
+    sign_sum = 0.0
+    provisional = torch.ones((), dtype=compute_dtype, device=device)
+    redo: list[tuple[int, int, list[int]]] = []  # chunks whose result depends on the fallback sign
     for a, b in spans:
         if method == "linear":
             _, stack = load(a, b)  # no base: the stack holds the weights themselves
             out[a:b] = linear_weights(stack, w).to(out_dtype).cpu()
             continue
+        ties_before = list(seen)
         bc, stack = trimmed(a, b, seen)
         if method == "task_arithmetic":
             delta = task_arithmetic_delta(stack, w)
+        elif electing:
+            # The fallback sign (for entries whose sum is exactly 0) spans the whole tensor;
+            # it only matters where such an entry has a nonzero delta. Merge with +1 now and
+            # redo just those chunks if the tensor's fallback turns out to be -1.
+            total = (stack * w.reshape(-1, 1) if elect_on_weighted else stack).sum(dim=0)
+            sign_sum += float(torch.sign(total).sum())
+            if bool(((total == 0) & (stack != 0).any(dim=0)).any()):
+                redo.append((a, b, ties_before))
+            delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean,
+                            elect_on_weighted=elect_on_weighted, fallback=provisional)
         elif method in ("ties", "drm"):
-            delta = combine(stack, w, sign_election=p.sign_election, disjoint_mean=p.disjoint_mean,
-                            elect_on_weighted=elect_on_weighted, fallback=fallback)
+            delta = combine(stack, w, sign_election=False, disjoint_mean=p.disjoint_mean,
+                            elect_on_weighted=elect_on_weighted)
         else:
             raise MergeError("internal_error", f"method {method!r} is not element-wise")
         out[a:b] = (bc + p.scale * delta).to(out_dtype).cpu()
+    if redo:
+        fallback = fallback_sign(torch.tensor(sign_sum, dtype=compute_dtype, device=device))
+        if fallback != provisional:
+            for a, b, ties_before in redo:
+                bc, stack = trimmed(a, b, list(ties_before))
+                delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean,
+                                elect_on_weighted=elect_on_weighted, fallback=fallback)
+                out[a:b] = (bc + p.scale * delta).to(out_dtype).cpu()
     return out.reshape(shape)
