@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import queue
 import threading
 import time
@@ -29,6 +30,8 @@ from .methods.elementwise import is_elementwise, merge_elementwise
 from .plan import Plan, TensorPlan, build_plan
 from .spec import MergeSpec
 from .storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
 
 MARKER = "drmerge.json"
 PREFETCH = 2  # tensors read ahead of the one being merged
@@ -280,6 +283,8 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
     try:
         _preflight_output(spec, out)
         plan = inputs.plan
+        for warning in plan.warnings:  # also logged, so a caller sees them if the merge fails later
+            log.warning(warning)
         timings["plan_s"] = time.perf_counter() - started
         state.tensors_total = len(plan.tensors)
         if spec.overwrite:

@@ -1,0 +1,652 @@
+"""Merge jobs in Redis: records, listing, events, idempotency, and the state machine.
+
+Used by the API (create, read, cancel) and by the worker (claim, progress, finish), so
+it imports neither FastAPI nor torch. Every status change goes through
+``JobStore.transition``, which checks ``TRANSITIONS`` and applies the change in one Lua
+script: the status, the per-status indexes, the event log, the output reservation, the
+webhook queue and the duration histogram can never disagree, even with several API
+processes and workers racing on one job.
+
+Redis layout (``{p}`` is ``settings.key_prefix``)::
+
+    {p}:job:{id}          hash    one job (fields below, JSON for nested values)
+    {p}:job:{id}:events   list    JSON events, oldest first
+    {p}:jobs              zset    every job id, all scores 0: ids sort by time (ULID), so
+                                  ZREVRANGEBYLEX lists newest first and ``after`` is a cursor
+    {p}:jobs:{status}     zset    the same, one per status (listing filter, metrics)
+    {p}:idem:{hash}       string  {"job_id", "body_sha256"}, expires after idempotency_ttl_s;
+                                  hash = sha256(tenant, key): each tenant has its own keys
+    {p}:tenant:{t}:jobs   zset    the ids of tenant t's jobs (as {p}:jobs: listing per tenant)
+    {p}:tenant:{t}:queued zset    ids of t's jobs that were queued when last looked at
+                                  (pruned on each submit; the per-tenant queue quota)
+    {p}:outputs           hash    output URI -> id of the active job writing it
+    {p}:webhooks:due      zset    job id -> unix time its next webhook attempt is due
+    {p}:workers           zset    worker name -> unix time of its last heartbeat
+    {p}:worker:{name}     hash    what that worker said about itself (expires)
+    {p}:stats             hash    byte counters and the job duration histogram
+    {p}:cancel            channel job ids whose cancel was requested (workers listen)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import redis
+
+STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE = frozenset({"queued", "running", "cancelling"})
+
+# The only legal status changes. Beyond DESIGN.md's queued -> running -> succeeded|failed
+# and queued|running -> cancelling -> cancelled:
+#   queued -> cancelled      a queued job has nothing to stop, so its cancel is immediate
+#                            (the worker that later receives its message acks and skips it);
+#   queued -> failed         the job could not be enqueued, or its worker died too often;
+#   running -> running       a redelivered job whose worker died is claimed by a new worker
+#                            (attempt + 1; the old attempt is fenced off by its number);
+#   cancelling -> succeeded|failed   the merge ended before it saw the cancel.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "cancelled", "failed"}),
+    "running": frozenset({"running", "succeeded", "failed", "cancelling"}),
+    "cancelling": frozenset({"cancelled", "succeeded", "failed"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+# drmerge_job_duration_seconds buckets: merges take seconds (tests) to hours (70B models).
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600, 43200)
+
+MAX_EVENTS = 1000
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+_JSON_FIELDS = ("spec", "metadata", "progress", "result", "error", "webhook", "webhook_state")
+
+
+_id_lock = threading.Lock()
+_last_id = [0, 0]  # (ms, random) of the newest id this process made
+
+
+def new_job_id(now: float | None = None) -> str:
+    """``mrg_`` + a lowercase ULID: 48 bits of milliseconds then 80 random bits, so ids
+    sort by creation time (the list index relies on this) and never collide. Within one
+    process ids are strictly increasing even inside one millisecond."""
+    ms = int((time.time() if now is None else now) * 1000)
+    rnd = int.from_bytes(os.urandom(10), "big")
+    with _id_lock:
+        if ms <= _last_id[0]:
+            ms, rnd = _last_id[0], (_last_id[1] + 1 + (rnd & 0xFFFF)) % (1 << 80)
+        _last_id[0], _last_id[1] = ms, rnd
+    n = (ms << 80) | rnd
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[n & 31])
+        n >>= 5
+    return "mrg_" + "".join(reversed(chars))
+
+
+def is_job_id(value: str) -> bool:
+    return (isinstance(value, str) and len(value) == 30 and value.startswith("mrg_")
+            and all(c in _CROCKFORD for c in value[4:]))
+
+
+def iso(ts: float | None) -> str | None:
+    """RFC 3339 UTC with milliseconds, or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def body_hash(body) -> str:
+    """Hash of a request body that ignores key order and whitespace (idempotency)."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class JobStoreError(Exception):
+    pass
+
+
+class JobNotFound(JobStoreError):
+    def __init__(self, job_id: str):
+        super().__init__(f"no merge job {job_id!r}")
+        self.job_id = job_id
+
+
+class IllegalTransition(JobStoreError):
+    def __init__(self, job_id: str, current: str, target: str):
+        super().__init__(f"job {job_id} is {current}; it cannot become {target}")
+        self.job_id, self.current, self.target = job_id, current, target
+
+
+class IdempotencyConflict(JobStoreError):
+    def __init__(self, key: str, job_id: str):
+        super().__init__(f"Idempotency-Key {key!r} was already used with a different request body (job {job_id})")
+        self.key, self.job_id = key, job_id
+
+
+class OutputBusy(JobStoreError):
+    def __init__(self, output: str, job_id: str):
+        super().__init__(f"job {job_id} is already writing to {output}; wait for it or cancel it")
+        self.output, self.job_id = output, job_id
+
+
+class QuotaExceeded(JobStoreError):
+    def __init__(self, tenant: str, queued: int):
+        super().__init__(f"tenant {tenant!r} already has {queued} queued jobs, the most allowed; "
+                         "retry when some have started")
+        self.tenant, self.queued = tenant, queued
+
+
+class StaleAttempt(JobStoreError):
+    """A worker acted on a job attempt that another worker has since claimed."""
+
+
+@dataclass
+class Job:
+    id: str
+    status: str
+    created_at: float
+    spec: dict
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float | None = None
+    progress: dict | None = None
+    result: dict | None = None
+    error: dict | None = None
+    metadata: dict = field(default_factory=dict)
+    webhook: dict | None = None  # {"url", "secret"?}: internal, the secret never leaves the store
+    webhook_state: dict | None = None
+    attempts: int = 0
+    worker: str | None = None
+    output: str | None = None
+    cancel_requested_at: float | None = None
+    enqueued_at: float | None = None
+    tenant: str = "default"
+
+    @classmethod
+    def from_hash(cls, h: dict) -> "Job":
+        def num(k):
+            v = h.get(k)
+            return float(v) if v not in (None, "") else None
+
+        def js(k):
+            v = h.get(k)
+            return json.loads(v) if v not in (None, "") else None
+
+        return cls(
+            id=h["id"], status=h["status"], created_at=float(h["created_at"]), spec=js("spec") or {},
+            started_at=num("started_at"), finished_at=num("finished_at"), updated_at=num("updated_at"),
+            progress=js("progress"), result=js("result"), error=js("error"), metadata=js("metadata") or {},
+            webhook=js("webhook"), webhook_state=js("webhook_state"), attempts=int(h.get("attempts") or 0),
+            worker=h.get("worker") or None, output=h.get("output") or None,
+            cancel_requested_at=num("cancel_requested_at"), enqueued_at=num("enqueued_at"),
+            tenant=h.get("tenant") or "default",
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def public(self) -> dict:
+        """The job as the API returns it and webhooks send it (never the webhook secret)."""
+        progress = dict(empty_progress(), **(self.progress or {}))
+        webhook = None
+        if self.webhook:
+            state = self.webhook_state or {}
+            webhook = {"url": self.webhook["url"], "status": state.get("status", "waiting"),
+                       "attempts": state.get("attempts", 0), "last_error": state.get("last_error"),
+                       "delivered_at": iso(state.get("delivered_at"))}
+        return {
+            "id": self.id, "object": "merge", "status": self.status,
+            "created_at": iso(self.created_at), "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at), "spec": self.spec, "progress": progress,
+            "result": self.result, "error": self.error, "metadata": self.metadata, "webhook": webhook,
+            "attempts": self.attempts,
+        }
+
+
+def empty_progress() -> dict:
+    return {"stage": None, "tensors_done": 0, "tensors_total": 0, "bytes_read": 0, "bytes_written": 0,
+            "fraction": 0.0, "eta_seconds": None}
+
+
+# --- Lua --------------------------------------------------------------------------------
+# KEYS: 1 job, 2 events, 3 outputs, 4 webhooks due, 5 stats, 6.. one zset per STATUSES.
+_STATUS_INDEX = "{" + ", ".join(f"{s}={i + 6}" for i, s in enumerate(STATUSES)) + "}"
+
+_TRANSITION_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing', ''} end
+local to, now = ARGV[2], ARGV[4]
+local ok = false
+for s in string.gmatch(ARGV[3], '%S+') do if s == cur then ok = true end end
+if not ok then return {'illegal', cur} end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[5] then return {'stale', cur} end
+local idx = """ + _STATUS_INDEX + """
+local fields = cjson.decode(ARGV[6])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('HSET', KEYS[1], 'status', to, 'updated_at', now)
+if cur ~= to then
+  redis.call('ZREM', KEYS[idx[cur]], ARGV[1])
+  redis.call('ZADD', KEYS[idx[to]], 0, ARGV[1])
+end
+local terminal = (to == 'succeeded' or to == 'failed' or to == 'cancelled')
+if terminal then
+  local out = redis.call('HGET', KEYS[1], 'output')
+  if out and redis.call('HGET', KEYS[3], out) == ARGV[1] then redis.call('HDEL', KEYS[3], out) end
+  if redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then
+    redis.call('HSET', KEYS[1], 'webhook_state', cjson.encode({status='pending', attempts=0}))
+    redis.call('ZADD', KEYS[4], now, ARGV[1])
+  end
+  local started = redis.call('HGET', KEYS[1], 'started_at')
+  if started and started ~= '' then
+    local d = tonumber(now) - tonumber(started)
+    if d < 0 then d = 0 end
+    for le in string.gmatch(ARGV[7], '%S+') do
+      if d <= tonumber(le) then redis.call('HINCRBY', KEYS[5], 'dur:' .. to .. ':' .. le, 1) end
+    end
+    redis.call('HINCRBY', KEYS[5], 'dur:' .. to .. ':count', 1)
+    redis.call('HINCRBYFLOAT', KEYS[5], 'dur:' .. to .. ':sum', d)
+  end
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'event_seq', 1)
+local ev = cjson.decode(ARGV[8])
+ev['id'] = seq
+ev['from'] = cur
+redis.call('RPUSH', KEYS[2], cjson.encode(ev))
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[9]), -1)
+return {'ok', cur}
+"""
+
+# KEYS: 1 job, 2 events, 3 all jobs, 4 queued, 5 outputs, 6 idempotency key (may be unused),
+#       7 tenant's jobs, 8 tenant's queued
+# ARGV: 1 id, 2 fields json, 3 output, 4 use idem (0/1), 5 body hash, 6 idem ttl, 7 event json,
+#       8 most queued jobs of the tenant (0: no limit), 9 job key prefix
+# The quota count reads the job hashes of the tenant's queued set by name (not KEYS):
+# fine on a single Redis, which is what the service runs on.
+_CREATE_LUA = """
+if ARGV[4] == '1' then
+  local prev = redis.call('GET', KEYS[6])
+  if prev then
+    local p = cjson.decode(prev)
+    if p['body_sha256'] == ARGV[5] then return {'replay', p['job_id']} end
+    return {'idem_conflict', p['job_id']}
+  end
+end
+local holder = redis.call('HGET', KEYS[5], ARGV[3])
+if holder then return {'output_busy', holder} end
+local maxq = tonumber(ARGV[8])
+if maxq > 0 then
+  local n = 0
+  for _, qid in ipairs(redis.call('ZRANGE', KEYS[8], 0, -1)) do
+    if redis.call('HGET', ARGV[9] .. qid, 'status') == 'queued' then n = n + 1
+    else redis.call('ZREM', KEYS[8], qid) end
+  end
+  if n >= maxq then return {'quota', tostring(n)} end
+  redis.call('ZADD', KEYS[8], 0, ARGV[1])
+end
+redis.call('ZADD', KEYS[7], 0, ARGV[1])
+local fields = cjson.decode(ARGV[2])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('HSET', KEYS[1], 'event_seq', 1)
+redis.call('ZADD', KEYS[3], 0, ARGV[1])
+redis.call('ZADD', KEYS[4], 0, ARGV[1])
+redis.call('HSET', KEYS[5], ARGV[3], ARGV[1])
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[6], cjson.encode({job_id=ARGV[1], body_sha256=ARGV[5]}), 'EX', tonumber(ARGV[6]))
+end
+redis.call('RPUSH', KEYS[2], ARGV[7])
+return {'created', ARGV[1]}
+"""
+
+# Progress and events are written only by the attempt that owns the job, and only while
+# it is running or cancelling, so a late write from a fenced-off worker changes nothing.
+# KEYS: 1 job, 2 stats, 3 events. ARGV: 1 attempt, 2 progress json, 3 now, 4 d_read,
+# 5 d_written, 6 event json or '', 7 max events
+_PROGRESS_LUA = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'running' and st ~= 'cancelling' then return 0 end
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'progress', ARGV[2], 'updated_at', ARGV[3])
+if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[2], 'bytes_read', ARGV[4]) end
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[2], 'bytes_written', ARGV[5]) end
+if ARGV[6] ~= '' then
+  local ev = cjson.decode(ARGV[6])
+  ev['id'] = redis.call('HINCRBY', KEYS[1], 'event_seq', 1)
+  redis.call('RPUSH', KEYS[3], cjson.encode(ev))
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
+end
+return 1
+"""
+
+# KEYS: 1 job, 2 events. ARGV: 1 event json, 2 max events
+_EVENT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ev = cjson.decode(ARGV[1])
+ev['id'] = redis.call('HINCRBY', KEYS[1], 'event_seq', 1)
+redis.call('RPUSH', KEYS[2], cjson.encode(ev))
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+return 1
+"""
+
+# Claim the earliest due webhook: move its due time forward by a lease so a crashed
+# deliverer's claim expires and another process retries it.
+# KEYS: 1 due zset. ARGV: 1 now, 2 lease seconds
+_CLAIM_WEBHOOK_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+if #due == 0 then return false end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), due[1])
+return due[1]
+"""
+
+
+def _event(type_: str, message: str, now: float, **data) -> dict:
+    ev = {"type": type_, "at": now, "message": message}
+    ev.update({k: v for k, v in data.items() if v is not None})
+    return ev
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, prefix: str = "drmerge", idempotency_ttl_s: int = 86400):
+        self.r = client
+        self.p = prefix
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self._transition = client.register_script(_TRANSITION_LUA)
+        self._create = client.register_script(_CREATE_LUA)
+        self._progress = client.register_script(_PROGRESS_LUA)
+        self._event_script = client.register_script(_EVENT_LUA)
+        self._claim_webhook = client.register_script(_CLAIM_WEBHOOK_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "drmerge", **kw) -> "JobStore":
+        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
+                                      health_check_interval=30)
+        return cls(client, prefix, **kw)
+
+    # keys
+    def k_job(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}"
+
+    def k_events(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:events"
+
+    def k_index(self, status: str | None = None) -> str:
+        return f"{self.p}:jobs" if status is None else f"{self.p}:jobs:{status}"
+
+    def k_tenant(self, tenant: str, what: str = "jobs") -> str:
+        return f"{self.p}:tenant:{tenant}:{what}"
+
+    @property
+    def k_outputs(self) -> str:
+        return f"{self.p}:outputs"
+
+    @property
+    def k_webhooks_due(self) -> str:
+        return f"{self.p}:webhooks:due"
+
+    @property
+    def k_stats(self) -> str:
+        return f"{self.p}:stats"
+
+    @property
+    def k_workers(self) -> str:
+        return f"{self.p}:workers"
+
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.p}:cancel"
+
+    # --- create and read ----------------------------------------------------------------
+    def create(self, spec: dict, output: str, *, metadata: dict | None = None, webhook: dict | None = None,
+               idempotency_key: str | None = None, request_hash: str | None = None,
+               now: float | None = None, tenant: str = "default", max_queued: int = 0) -> tuple[Job, bool]:
+        """Store a new queued job of ``tenant``. Returns (job, created); created is False
+        when the tenant used the idempotency key before with the same body (the earlier
+        job comes back).
+
+        Raises IdempotencyConflict (same key, other body), OutputBusy (an active job
+        already writes to ``output``: two merges into one prefix would interleave shards)
+        or QuotaExceeded (the tenant has ``max_queued`` queued jobs; 0 means no limit).
+        """
+        now = time.time() if now is None else now
+        job_id = new_job_id(now)
+        fields = {"id": job_id, "status": "queued", "created_at": repr(now), "updated_at": repr(now),
+                  "spec": json.dumps(spec), "metadata": json.dumps(metadata or {}), "output": output,
+                  "attempts": "0", "tenant": tenant}
+        if webhook:
+            fields["webhook"] = json.dumps(webhook)
+        if idempotency_key:
+            fields["idempotency_key"] = idempotency_key
+        ev = _event("status", "job created", now, to="queued")
+        ev["id"] = 1
+        idem_key = f"{self.p}:idem:-"
+        if idempotency_key:
+            scoped = f"{tenant}\n{idempotency_key}".encode()
+            idem_key = f"{self.p}:idem:{hashlib.sha256(scoped).hexdigest()}"
+        res = self._create(
+            keys=[self.k_job(job_id), self.k_events(job_id), self.k_index(), self.k_index("queued"),
+                  self.k_outputs, idem_key, self.k_tenant(tenant), self.k_tenant(tenant, "queued")],
+            args=[job_id, json.dumps(fields), output, "1" if idempotency_key else "0", request_hash or "",
+                  self.idempotency_ttl_s, json.dumps(ev), int(max_queued), f"{self.p}:job:"])
+        kind, ref = res
+        if kind == "replay":
+            job = self.get(ref)
+            if job is None:  # the job record was removed; the key is stale
+                self.r.delete(idem_key)
+                return self.create(spec, output, metadata=metadata, webhook=webhook,
+                                   idempotency_key=idempotency_key, request_hash=request_hash, now=now,
+                                   tenant=tenant, max_queued=max_queued)
+            return job, False
+        if kind == "idem_conflict":
+            raise IdempotencyConflict(idempotency_key, ref)
+        if kind == "output_busy":
+            raise OutputBusy(output, ref)
+        if kind == "quota":
+            raise QuotaExceeded(tenant, int(ref))
+        return self.get(job_id), True
+
+    def get(self, job_id: str) -> Job | None:
+        if not is_job_id(job_id):
+            return None
+        h = self.r.hgetall(self.k_job(job_id))
+        return Job.from_hash(h) if h else None
+
+    def require(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def list(self, status: str | None = None, limit: int = 20, after: str | None = None,
+             tenant: str | None = None) -> tuple[list[Job], bool]:
+        """Newest first; ``after`` is the id of the last job of the previous page;
+        ``tenant`` limits it to that tenant's jobs. Returns (jobs, has_more)."""
+        start = f"({after}" if after else "+"
+        if tenant is None:
+            ids = self.r.zrevrangebylex(self.k_index(status), start, "-", start=0, num=limit + 1)
+        elif status is None:
+            ids = self.r.zrevrangebylex(self.k_tenant(tenant), start, "-", start=0, num=limit + 1)
+        else:
+            ids = self._intersect(self.k_tenant(tenant), self.k_index(status), after, limit + 1)
+        has_more = len(ids) > limit
+        ids = ids[:limit]
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hgetall(self.k_job(i))
+        jobs = [Job.from_hash(h) for h in pipe.execute() if h]
+        return jobs, has_more
+
+    def _intersect(self, a: str, b: str, after: str | None, n: int, batch: int = 256) -> list[str]:
+        """The first ``n`` ids (newest first, older than ``after``) in both index a and
+        b: walks the smaller one and checks membership in the other, so a tenant's
+        status filter costs at most the size of the smaller index."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(a)
+        pipe.zcard(b)
+        size_a, size_b = pipe.execute()
+        walk, other = (a, b) if size_a <= size_b else (b, a)
+        out: list[str] = []
+        cursor = after
+        while len(out) < n:
+            ids = self.r.zrevrangebylex(walk, f"({cursor}" if cursor else "+", "-", start=0, num=batch)
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.zscore(other, i)
+            out += [i for i, score in zip(ids, pipe.execute()) if score is not None]
+            cursor = ids[-1]
+            if len(ids) < batch:
+                break
+        return out[:n]
+
+    def counts(self) -> dict[str, int]:
+        pipe = self.r.pipeline(transaction=False)
+        for s in STATUSES:
+            pipe.zcard(self.k_index(s))
+        return dict(zip(STATUSES, pipe.execute()))
+
+    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[dict]:
+        raw = self.r.lrange(self.k_events(job_id), 0, -1)
+        out = []
+        for item in raw:
+            ev = json.loads(item)
+            if ev.get("id", 0) > after:
+                out.append(ev)
+            if len(out) >= limit:
+                break
+        return out
+
+    def add_event(self, job_id: str, type_: str, message: str, **data) -> None:
+        ev = _event(type_, message, time.time(), **data)
+        self._event_script(keys=[self.k_job(job_id), self.k_events(job_id)], args=[json.dumps(ev), MAX_EVENTS])
+
+    def mark_enqueued(self, job_id: str) -> None:
+        self.r.hset(self.k_job(job_id), "enqueued_at", repr(time.time()))
+
+    # --- state machine ------------------------------------------------------------------
+    def transition(self, job_id: str, to: str, *, from_: set[str] | frozenset[str] | None = None,
+                   fields: dict | None = None, message: str | None = None, attempt: int | None = None,
+                   now: float | None = None) -> str:
+        """Move a job to ``to`` if its current status allows it; returns the previous status.
+
+        ``from_`` narrows the statuses the caller expects (it must name legal sources);
+        ``attempt`` fences the change to the worker attempt that owns the job.
+        """
+        if to not in STATUSES:
+            raise ValueError(f"unknown status {to!r}")
+        legal = {s for s, targets in TRANSITIONS.items() if to in targets}
+        sources = legal if from_ is None else set(from_) & legal
+        if from_ is not None and not set(from_) <= legal:
+            raise ValueError(f"illegal transition(s) {sorted(set(from_) - legal)} -> {to}")
+        now = time.time() if now is None else now
+        enc = {}
+        for k, v in (fields or {}).items():
+            if k in _JSON_FIELDS:
+                enc[k] = json.dumps(v)
+            elif isinstance(v, float):
+                enc[k] = repr(v)
+            else:
+                enc[k] = str(v)
+        if to in TERMINAL:
+            enc.setdefault("finished_at", repr(now))
+        ev = _event("status", message or f"job {to}", now, to=to)
+        keys = [self.k_job(job_id), self.k_events(job_id), self.k_outputs, self.k_webhooks_due, self.k_stats]
+        keys += [self.k_index(s) for s in STATUSES]
+        kind, cur = self._transition(
+            keys=keys,
+            args=[job_id, to, " ".join(sorted(sources)), repr(now), "" if attempt is None else str(attempt),
+                  json.dumps(enc), " ".join(str(b) for b in DURATION_BUCKETS), json.dumps(ev), MAX_EVENTS])
+        if kind == "missing":
+            raise JobNotFound(job_id)
+        if kind == "illegal":
+            raise IllegalTransition(job_id, cur, to)
+        if kind == "stale":
+            raise StaleAttempt(f"job {job_id}: attempt {attempt} is no longer the current one")
+        return cur
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel a job: a queued one at once, a running one by asking its worker (which
+        stops between two tensors). Cancelling a cancelling or cancelled job is a no-op;
+        a succeeded or failed job raises IllegalTransition."""
+        for _ in range(10):
+            job = self.require(job_id)
+            now = time.time()
+            try:
+                if job.status == "queued":
+                    self.transition(job_id, "cancelled", from_={"queued"}, now=now,
+                                    fields={"cancel_requested_at": now},
+                                    message="cancelled while queued; it will never start")
+                elif job.status == "running":
+                    self.transition(job_id, "cancelling", from_={"running"}, now=now,
+                                    fields={"cancel_requested_at": now},
+                                    message="cancel requested; the worker stops after the current tensor")
+                    self.r.publish(self.cancel_channel, job_id)
+                elif job.status in ("cancelling", "cancelled"):
+                    return job
+                else:
+                    raise IllegalTransition(job_id, job.status, "cancelled")
+            except IllegalTransition as e:
+                if e.current in TERMINAL and e.current != "cancelled":
+                    raise
+                continue  # the status moved under us; look again
+            return self.require(job_id)
+        raise JobStoreError(f"job {job_id} keeps changing status; try the cancel again")
+
+    # --- worker side ----------------------------------------------------------------------
+    def write_progress(self, job_id: str, attempt: int, progress: dict, d_read: int = 0, d_written: int = 0,
+                       event: dict | None = None) -> bool:
+        now = time.time()
+        ev = ""
+        if event:
+            ev = json.dumps(_event(event.pop("type", "stage"), event.pop("message", ""), now, **event))
+        return bool(self._progress(keys=[self.k_job(job_id), self.k_stats, self.k_events(job_id)],
+                                   args=[str(attempt), json.dumps(progress), repr(now), int(max(0, d_read)),
+                                         int(max(0, d_written)), ev, MAX_EVENTS]))
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        return self.r.hget(self.k_job(job_id), "status") in ("cancelling", "cancelled")
+
+    # --- workers ------------------------------------------------------------------------
+    def heartbeat(self, name: str, info: dict, ttl_s: float) -> None:
+        now = time.time()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zadd(self.k_workers, {name: now})
+        key = f"{self.p}:worker:{name}"
+        pipe.hset(key, mapping={k: json.dumps(v) for k, v in dict(info, last_seen=now).items()})
+        pipe.expire(key, max(1, int(ttl_s * 3)))
+        pipe.zremrangebyscore(self.k_workers, "-inf", now - ttl_s * 20)  # forget long-gone names
+        pipe.execute()
+
+    def remove_worker(self, name: str) -> None:
+        self.r.zrem(self.k_workers, name)
+        self.r.delete(f"{self.p}:worker:{name}")
+
+    def live_workers(self, ttl_s: float) -> list[str]:
+        return self.r.zrangebyscore(self.k_workers, time.time() - ttl_s, "+inf")
+
+    # --- webhooks -----------------------------------------------------------------------
+    def claim_due_webhook(self, lease_s: float) -> str | None:
+        return self._claim_webhook(keys=[self.k_webhooks_due], args=[repr(time.time()), repr(lease_s)])
+
+    def schedule_webhook(self, job_id: str, state: dict, due: float | None) -> None:
+        """Record a delivery attempt's outcome and when to try again (None: done)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k_job(job_id), "webhook_state", json.dumps(state))
+        if due is None:
+            pipe.zrem(self.k_webhooks_due, job_id)
+        else:
+            pipe.zadd(self.k_webhooks_due, {job_id: due})
+        pipe.execute()
+
+    # --- metrics ------------------------------------------------------------------------
+    def stats(self) -> dict[str, str]:
+        return self.r.hgetall(self.k_stats)
+
+    def ping(self) -> bool:
+        return bool(self.r.ping())

@@ -1,0 +1,70 @@
+"""Prometheus metrics, computed from Redis at scrape time.
+
+Every number lives in Redis (written by the job store's Lua scripts and the workers), so
+any API replica serves the same totals and nothing is lost when a process restarts.
+Names are fixed: the deploy team's Grafana dashboard uses them.
+
+- drmerge_jobs{status}                     gauge     jobs in each status
+- drmerge_job_duration_seconds{status}     histogram run time (started -> finished) of ended jobs
+- drmerge_queue_depth                      gauge     merge messages waiting in the broker queue
+- drmerge_workers_live                     gauge     workers with a fresh heartbeat
+- drmerge_bytes_read_total                 counter   checkpoint bytes read by merges
+- drmerge_bytes_written_total              counter   merged bytes written
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .jobstore import DURATION_BUCKETS, STATUSES, TERMINAL, JobStore
+
+log = logging.getLogger("drmerge.metrics")
+
+
+def broker_queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in a Celery Redis-broker queue (kombu keeps one list per priority:
+    ``queue`` itself and ``queue\\x06\\x16<n>``)."""
+    names = [queue] + [f"{queue}\x06\x16{p}" for p in (3, 6, 9)]
+    pipe = client.pipeline(transaction=False)
+    for n in names:
+        pipe.llen(n)
+    return sum(pipe.execute())
+
+
+class RedisCollector:
+    def __init__(self, store: JobStore, broker: redis.Redis, queue: str, heartbeat_ttl_s: float):
+        self.store, self.broker, self.queue, self.ttl = store, broker, queue, heartbeat_ttl_s
+
+    def describe(self):
+        return []  # collected lazily, never at registration time
+
+    def collect(self):
+        try:
+            counts = self.store.counts()
+            stats = self.store.stats()
+            live = len(self.store.live_workers(self.ttl))
+            depth = broker_queue_depth(self.broker, self.queue)
+        except redis.RedisError as e:
+            log.warning("metrics: Redis unavailable: %s", e)
+            return
+        jobs = GaugeMetricFamily("drmerge_jobs", "Merge jobs by status.", labels=["status"])
+        for s in STATUSES:
+            jobs.add_metric([s], counts.get(s, 0))
+        yield jobs
+        hist = HistogramMetricFamily("drmerge_job_duration_seconds",
+                                     "Run time of finished merge jobs (started to finished).", labels=["status"])
+        for s in sorted(TERMINAL):
+            count = int(stats.get(f"dur:{s}:count", 0))
+            buckets = [(str(float(le)), int(stats.get(f"dur:{s}:{le}", 0))) for le in DURATION_BUCKETS]
+            buckets.append(("+Inf", count))
+            hist.add_metric([s], buckets, float(stats.get(f"dur:{s}:sum", 0.0)))
+        yield hist
+        yield GaugeMetricFamily("drmerge_queue_depth", "Merge messages waiting in the broker queue.", value=depth)
+        yield GaugeMetricFamily("drmerge_workers_live", "Workers with a fresh heartbeat.", value=live)
+        yield CounterMetricFamily("drmerge_bytes_read", "Checkpoint bytes read by merges.",
+                                  value=int(stats.get("bytes_read", 0)))
+        yield CounterMetricFamily("drmerge_bytes_written", "Merged checkpoint bytes written.",
+                                  value=int(stats.get("bytes_written", 0)))

@@ -1,0 +1,212 @@
+"""/v1/merges: submit, read, list, cancel, and read the event log of merge jobs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+
+from drmerge.errors import MergeError
+from drmerge.spec import parse_spec
+
+from ..auth import Principal, get_principal
+from ..deps import get_celery, get_settings_dep, get_store
+from ..jobstore import (IdempotencyConflict, IllegalTransition, Job, JobNotFound, JobStore, JobStoreError, OutputBusy,
+                        QuotaExceeded, body_hash, is_job_id, iso)
+from ..limits import check_spec
+from ..netguard import Policy, WebhookURLError, check_webhook_url
+from ..problems import Problem
+from ..schemas import PROBLEM_RESPONSES, SUBMIT_PROBLEM_RESPONSES, EventList, MergeJob, MergeList, MergeRequest, Status
+from ..settings import Settings
+from ..webhooks import signing_key
+
+log = logging.getLogger("drmerge.api")
+
+router = APIRouter(prefix="/v1/merges", tags=["merges"])
+
+MERGE_TASK = "drmerge.merge"
+QUOTA_RETRY_AFTER_S = 30
+
+
+def _check_locations(spec, settings: Settings, principal: Principal) -> None:
+    """The service reads and writes S3, and each key only the S3 prefixes it was given
+    (403 ``access_denied``; service.allowlist has the matching rules). Local paths would
+    name files on whichever worker runs the job, so they are refused unless the operator
+    allows one root (resolved with realpath: no ``..`` or symlink leads out of it), and
+    then only to keys that may use any location (``--allow '*'``)."""
+    named = ([("spec.base_model", spec.base_model, False)] if spec.base_model else []) + \
+            [(f"spec.models[{i}].model", m.model, False) for i, m in enumerate(spec.models)] + \
+            [("spec.output", spec.output, True)]
+    root = settings.allow_local_root
+    for param, uri, write in named:
+        if uri.startswith("s3://"):
+            try:
+                allowed = principal.access.allows(uri, write=write)
+            except MergeError as e:
+                raise Problem(422, "invalid_spec", f"{param}: {e.message}", param) from None
+            if not allowed:
+                raise Problem(403, "access_denied", f"{param}: this API key may not {'write' if write else 'read'} "
+                              f"{uri}", param)
+            continue
+        if not root:
+            raise Problem(422, "invalid_spec", f"{param}: local paths are not accepted by the service; "
+                          f"use s3://bucket/prefix/ (got {uri!r})", param)
+        if not principal.access.any_location:  # allow lists name S3 prefixes, never local files
+            raise Problem(403, "access_denied", f"{param}: this API key may not use local paths", param)
+        real_root = os.path.realpath(root)
+        if not os.path.isabs(uri) or os.path.commonpath([os.path.realpath(uri), real_root]) != real_root:
+            raise Problem(422, "invalid_spec", f"{param}: local paths must be absolute and inside {root}", param)
+
+
+def _check_metadata(metadata: dict, settings: Settings) -> None:
+    if len(metadata) > settings.max_metadata_keys:
+        raise Problem(422, "invalid_request", f"metadata: at most {settings.max_metadata_keys} keys", "metadata")
+    for k, v in metadata.items():
+        if not k or len(k) > 64:
+            raise Problem(422, "invalid_request", "metadata: keys must be 1 to 64 characters", f"metadata.{k}")
+        if len(v) > 512:
+            raise Problem(422, "invalid_request", "metadata: values must be at most 512 characters", f"metadata.{k}")
+
+
+def _not_found(job_id: str) -> Problem:
+    return Problem(404, "not_found", f"no merge job {job_id!r}")
+
+
+def _own_job(store: JobStore, job_id: str, principal: Principal) -> Job:
+    """The job if it belongs to the caller's tenant. Another tenant's job is "not found",
+    word for word as a missing one, so ids cannot be probed."""
+    job = store.get(job_id)
+    if job is None or job.tenant != principal.tenant:
+        raise _not_found(job_id)
+    return job
+
+
+@router.post("", status_code=202, response_model=MergeJob, summary="Submit a merge",
+             responses={**PROBLEM_RESPONSES, **SUBMIT_PROBLEM_RESPONSES,
+                        409: PROBLEM_RESPONSES[422] | {"description": "`output_busy`"}})
+def create_merge(body: MergeRequest, response: Response,
+                 idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=255,
+                                                      description="Retry-safe submission: the same key and body "
+                                                                  "return the same job for 24 h."),
+                 store: JobStore = Depends(get_store), settings: Settings = Depends(get_settings_dep),
+                 celery=Depends(get_celery), principal: Principal = Depends(get_principal)):
+    check_spec(body.spec, settings.max_models, settings.max_spec_string_length)
+    try:
+        spec = parse_spec(body.spec)
+    except MergeError as e:
+        param = f"spec.{e.param}" if e.param else "spec"
+        raise Problem(422, "invalid_spec", e.message, param) from None
+    _check_locations(spec, settings, principal)
+    _check_metadata(body.metadata, settings)
+    webhook = None
+    if body.webhook is not None:
+        try:
+            check_webhook_url(body.webhook.url, Policy.from_settings(settings))
+        except WebhookURLError as e:
+            if e.transient:
+                raise Problem(503, "unavailable", f"webhook.url: cannot resolve its host right now ({e}); "
+                              "retry later", "webhook.url", headers={"retry-after": "5"}) from None
+            raise Problem(422, "invalid_request", f"webhook.url {e}", "webhook.url") from None
+        secret = body.webhook.secret
+        if secret is None and not settings.webhook_secret:
+            raise Problem(422, "invalid_request", "webhook.secret is required: this service has no default "
+                          "signing secret (DRMERGE_WEBHOOK_SECRET)", "webhook.secret")
+        if secret is not None:
+            try:
+                signing_key(secret)
+            except ValueError as e:
+                raise Problem(422, "invalid_request", f"webhook.secret: {e}", "webhook.secret") from None
+        webhook = {"url": body.webhook.url, **({"secret": secret} if secret else {})}
+    try:
+        job, created = store.create(spec.to_dict(), spec.output, metadata=body.metadata, webhook=webhook,
+                                    idempotency_key=idempotency_key,
+                                    request_hash=body_hash(body.model_dump(mode="json")),
+                                    tenant=principal.tenant, max_queued=settings.max_queued_per_tenant)
+    except IdempotencyConflict as e:
+        raise Problem(422, "idempotency_key_reused", str(e), "Idempotency-Key") from None
+    except OutputBusy as e:
+        holder = store.get(e.job_id)
+        if holder is not None and holder.tenant != principal.tenant:  # name no other tenant's job
+            raise Problem(409, "output_busy", f"another job is already writing to {e.output}; try again "
+                          "when it has ended", "spec.output") from None
+        raise Problem(409, "output_busy", str(e), "spec.output", job_id=e.job_id) from None
+    except QuotaExceeded as e:
+        raise Problem(429, "quota_exceeded", str(e), headers={"retry-after": str(QUOTA_RETRY_AFTER_S)},
+                      limit=settings.max_queued_per_tenant) from None
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    if job.status == "queued" and job.enqueued_at is None:
+        # A replay re-sends a job whose first enqueue never happened (an API crash
+        # between create and send); the worker's claim makes a duplicate harmless.
+        try:
+            celery.send_task(MERGE_TASK, args=[job.id], queue=settings.queue, task_id=job.id)
+            store.mark_enqueued(job.id)
+        except Exception as e:
+            log.exception("could not enqueue %s", job.id)
+            try:
+                store.transition(job.id, "failed", from_={"queued"},
+                                 fields={"error": {"code": "internal_error", "param": None,
+                                                   "message": f"the job could not be queued: {e}"}},
+                                 message="enqueue failed")
+            except JobStoreError:
+                pass
+            raise Problem(503, "unavailable", "the job queue (broker) is unreachable; retry later",
+                          headers={"retry-after": "5"}) from None
+        job = store.require(job.id)
+    response.headers["Location"] = f"/v1/merges/{job.id}"
+    return job.public()
+
+
+@router.get("", response_model=MergeList, summary="List merges, newest first", responses=PROBLEM_RESPONSES)
+def list_merges(status: Status | None = Query(None, description="Only jobs in this status."),
+                limit: int = Query(20, ge=1, le=100),
+                after: str | None = Query(None, description="Cursor: the `next_after` of the previous page."),
+                store: JobStore = Depends(get_store), principal: Principal = Depends(get_principal)):
+    if after is not None and not is_job_id(after):
+        raise Problem(422, "invalid_request", "after: must be a job id (mrg_...)", "after")
+    jobs, has_more = store.list(status=status, limit=limit, after=after, tenant=principal.tenant)
+    return {"object": "list", "data": [j.public() for j in jobs], "has_more": has_more,
+            "next_after": jobs[-1].id if has_more and jobs else None}
+
+
+@router.get("/{job_id}", response_model=MergeJob, summary="Get a merge", responses=PROBLEM_RESPONSES)
+def get_merge(job_id: str, store: JobStore = Depends(get_store), principal: Principal = Depends(get_principal)):
+    return _own_job(store, job_id, principal).public()
+
+
+@router.post("/{job_id}/cancel", response_model=MergeJob, summary="Cancel a merge",
+             responses={**PROBLEM_RESPONSES, 409: {"description": "`job_not_cancellable`: it already ended"},
+                        200: {"description": "Cancelled (it was queued, or already cancelled)"}},
+             status_code=202)
+def cancel_merge(job_id: str, response: Response, store: JobStore = Depends(get_store),
+                 principal: Principal = Depends(get_principal)):
+    _own_job(store, job_id, principal)
+    try:
+        job = store.request_cancel(job_id)
+    except JobNotFound:
+        raise _not_found(job_id) from None
+    except IllegalTransition as e:
+        raise Problem(409, "job_not_cancellable", f"job {job_id} already {e.current}", job_status=e.current) from None
+    except JobStoreError as e:
+        raise Problem(409, "job_not_cancellable", str(e)) from None
+    if job.status == "cancelled":
+        response.status_code = 200
+    return job.public()
+
+
+@router.get("/{job_id}/events", response_model=EventList, summary="A merge's event log",
+            responses=PROBLEM_RESPONSES)
+def merge_events(job_id: str, after: int = Query(0, ge=0, description="Only events with a larger id."),
+                 limit: int = Query(100, ge=1, le=1000), store: JobStore = Depends(get_store),
+                 principal: Principal = Depends(get_principal)):
+    _own_job(store, job_id, principal)
+    events = store.events(job_id, after=after, limit=limit + 1)
+    has_more = len(events) > limit
+    data = []
+    for ev in events[:limit]:
+        ev = dict(ev)
+        ev["at"] = iso(ev.get("at"))
+        data.append(ev)
+    return {"object": "list", "data": data, "has_more": has_more}
+

@@ -1,0 +1,1 @@
+"""Celery workers that run merges. Thin on purpose: the merge itself is drmerge.pipeline."""

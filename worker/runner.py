@@ -1,0 +1,327 @@
+"""One merge job's life on a worker: claim it, run the engine, record how it ended.
+
+Kept apart from Celery so the rules read in one place (and so tests can drive it):
+- a job that is already over, or was cancelled while queued, is never started;
+- a job whose previous worker died is claimed again (attempt + 1) unless that worker is
+  still alive (then this is a duplicate delivery and is dropped), up to
+  ``job_max_attempts``;
+- every write is fenced by the attempt number, so a worker that was presumed dead can
+  no longer change the job;
+- progress goes to Redis at most every ``progress_interval_s`` (stage changes at once);
+- cancellation arrives by Redis pub/sub (with a status poll as a fallback) and the engine
+  polls it between tensors; the time limit is enforced the same way, and a watchdog ends
+  the process if the engine is stuck inside one tensor far past the limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from service.jobstore import IllegalTransition, JobStore, StaleAttempt, empty_progress
+
+log = logging.getLogger("drmerge.worker")
+
+MAX_WARNING_EVENTS = 50
+WATCHDOG_GRACE_S = 600
+# Loggers of the service itself; everything else under "drmerge" is the engine, whose
+# warnings become job events.
+_SERVICE_LOGGERS = ("drmerge.worker", "drmerge.webhooks", "drmerge.api", "drmerge.metrics")
+
+
+class ProgressReporter:
+    """The engine's ``progress`` callback: throttled writes of the job's progress."""
+
+    def __init__(self, store: JobStore, job_id: str, attempt: int, interval_s: float):
+        self.store, self.job_id, self.attempt, self.interval = store, job_id, attempt, interval_s
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+        self.merge_started: float | None = None
+        self.last_write = 0.0
+        self.stage: str | None = None
+        self.sent_read = 0
+        self.sent_written = 0
+        self.latest: dict = empty_progress()
+
+    def __call__(self, p) -> None:
+        with self.lock:
+            now = time.monotonic()
+            stage = getattr(p, "stage", None)
+            done, total = int(getattr(p, "tensors_done", 0)), int(getattr(p, "tensors_total", 0))
+            if self.merge_started is None and total and stage not in (None, "planning"):
+                self.merge_started = now
+            fraction = min(1.0, done / total) if total else 0.0
+            eta = None
+            if self.merge_started is not None and 0 < fraction < 1 and done >= 1:
+                eta = round((now - self.merge_started) * (1 - fraction) / fraction, 1)
+            elif fraction >= 1:
+                eta = 0.0
+            self.latest = {"stage": stage, "tensors_done": done, "tensors_total": total,
+                           "bytes_read": int(getattr(p, "bytes_read", 0)),
+                           "bytes_written": int(getattr(p, "bytes_written", 0)),
+                           "fraction": round(fraction, 4), "eta_seconds": eta}
+            stage_changed = stage != self.stage
+            if not stage_changed and now - self.last_write < self.interval:
+                return
+            self.stage = stage
+            self.last_write = now
+            self._write({"type": "stage", "message": f"stage: {stage}", "stage": stage} if stage_changed else None)
+
+    def _write(self, event: dict | None) -> None:
+        p = self.latest
+        d_read, d_written = p["bytes_read"] - self.sent_read, p["bytes_written"] - self.sent_written
+        try:
+            self.store.write_progress(self.job_id, self.attempt, p, d_read, d_written, event)
+            self.sent_read, self.sent_written = p["bytes_read"], p["bytes_written"]
+        except Exception as e:  # progress is best effort: never fail a merge over it
+            log.warning("job %s: cannot write progress: %s", self.job_id, e)
+
+    def flush(self) -> dict:
+        with self.lock:
+            self._write(None)
+            return dict(self.latest)
+
+
+class CancelWatcher:
+    """Sets ``event`` as soon as the job is cancelled: a pub/sub message normally, a
+    status poll every ``poll_s`` if a message was missed (e.g. published before we
+    subscribed)."""
+
+    def __init__(self, store: JobStore, job_id: str, poll_s: float = 1.0):
+        self.store, self.job_id, self.poll_s = store, job_id, poll_s
+        self.event = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"cancel-{job_id}", daemon=True)
+
+    def start(self) -> "CancelWatcher":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        pubsub = None
+        last_poll = 0.0
+        while not self._stop.is_set() and not self.event.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.store.cancel_channel)
+                msg = pubsub.get_message(timeout=min(0.5, self.poll_s))
+                if msg and msg.get("data") == self.job_id:
+                    self.event.set()
+                    break
+                if time.monotonic() - last_poll >= self.poll_s:
+                    last_poll = time.monotonic()
+                    if self.store.is_cancel_requested(self.job_id):
+                        self.event.set()
+            except Exception as e:  # Redis blip: reconnect, keep polling
+                log.warning("job %s: cancel watcher: %s", self.job_id, e)
+                pubsub = None
+                self._stop.wait(1.0)
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class _WarningsToEvents(logging.Handler):
+    """Engine warnings logged while a job runs become ``warning`` events of that job."""
+
+    def __init__(self, store: JobStore, job_id: str):
+        super().__init__(logging.WARNING)
+        self.store, self.job_id, self.count = store, job_id, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(_SERVICE_LOGGERS) or self.count >= MAX_WARNING_EVENTS:
+            return
+        self.count += 1
+        try:
+            self.store.add_event(self.job_id, "warning", record.getMessage()[:2000])
+        except Exception:
+            pass
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, settings, worker_name: str, device: str | None = None,
+                 run_merge=None):
+        self.store = store
+        self.settings = settings
+        self.worker_name = worker_name
+        self.device = device or settings.worker_device
+        self._run_merge = run_merge  # injectable engine entry point; default drmerge.pipeline.run_merge
+        self.current_job: str | None = None
+
+    # --- claiming ----------------------------------------------------------------------
+    def claim(self, job_id: str) -> int | None:
+        """Make this worker the owner of the job; returns the attempt number, or None
+        if the job must not run here."""
+        for _ in range(5):
+            job = self.store.get(job_id)
+            if job is None:
+                log.warning("job %s does not exist; dropping its message", job_id)
+                return None
+            if job.terminal:
+                log.info("job %s is already %s; nothing to do", job_id, job.status)
+                return None
+            if job.status == "cancelling":  # cancelled while its previous worker was lost
+                self._finish(job_id, "cancelled", attempt=None, from_={"cancelling"},
+                             message="cancelled; its worker was lost before it stopped")
+                return None
+            message = f"running on {self.worker_name}"
+            if job.status == "running":
+                owner = job.worker
+                live = self.store.live_workers(self.settings.worker_heartbeat_ttl_s)
+                if owner and owner != self.worker_name and owner in live:
+                    log.warning("job %s is running on live worker %s; dropping duplicate delivery", job_id, owner)
+                    return None
+                if job.attempts >= self.settings.job_max_attempts:
+                    self._finish(job_id, "failed", attempt=job.attempts, from_={"running"},
+                                 error={"code": "internal_error", "param": None,
+                                        "message": f"the worker running this job was lost {job.attempts} times "
+                                                   "(out of memory or killed?); giving up"},
+                                 message="too many lost workers")
+                    return None
+                message = f"worker {owner} was lost; restarting on {self.worker_name} (attempt {job.attempts + 1})"
+            now = time.time()
+            fields = {"attempts": job.attempts + 1, "worker": self.worker_name, "progress": empty_progress()}
+            if job.started_at is None:
+                fields["started_at"] = now
+            try:
+                self.store.transition(job_id, "running", from_={job.status}, attempt=job.attempts,
+                                      fields=fields, message=message, now=now)
+                return job.attempts + 1
+            except (IllegalTransition, StaleAttempt):
+                continue  # cancelled or claimed meanwhile: look again
+        return None
+
+    # --- running ----------------------------------------------------------------------
+    def run(self, job_id: str) -> str | None:
+        """Run one job to a terminal state; returns that state (None if not run here)."""
+        attempt = self.claim(job_id)
+        if attempt is None:
+            return None
+        self.current_job = job_id
+        try:
+            return self._run_claimed(job_id, attempt)
+        finally:
+            self.current_job = None
+
+    def _run_claimed(self, job_id: str, attempt: int) -> str:
+        from drmerge.errors import MergeError
+        from drmerge.spec import parse_spec
+
+        job = self.store.require(job_id)
+        reporter = ProgressReporter(self.store, job_id, attempt, self.settings.progress_interval_s)
+        watcher = CancelWatcher(self.store, job_id).start()
+        limit = self.settings.job_time_limit_s
+        deadline = time.monotonic() + limit
+        timed_out = threading.Event()
+
+        def should_cancel() -> bool:
+            if watcher.event.is_set():
+                return True
+            if time.monotonic() > deadline:
+                timed_out.set()
+                return True
+            return False
+
+        watchdog = threading.Timer(limit + WATCHDOG_GRACE_S, self._watchdog, args=(job_id, attempt, limit))
+        watchdog.daemon = True
+        watchdog.start()
+        handler = _WarningsToEvents(self.store, job_id)
+        engine_log = logging.getLogger("drmerge")
+        engine_log.addHandler(handler)
+        try:
+            spec = parse_spec(job.spec)
+            run_merge = self._run_merge
+            if run_merge is None:
+                from drmerge.pipeline import run_merge
+            result = run_merge(spec, device=self.device, progress=reporter, should_cancel=should_cancel,
+                               s3_options=self.settings.s3_options())
+        except MergeError as e:
+            progress = reporter.flush()
+            if e.code == "cancelled" and timed_out.is_set() and not watcher.event.is_set():
+                return self._finish(job_id, "failed", attempt, from_={"running", "cancelling"}, progress=progress,
+                                    error={"code": "timeout", "param": None,
+                                           "message": f"the merge ran longer than the {limit}s limit and was stopped; "
+                                                      "its partial output was removed"},
+                                    message="time limit exceeded")
+            if e.code == "cancelled":
+                return self._finish(job_id, "cancelled", attempt, from_={"cancelling"}, progress=progress,
+                                    message="cancelled; partial output removed")
+            return self._finish(job_id, "failed", attempt, from_={"running", "cancelling"}, progress=progress,
+                                error=e.to_dict(), message=f"failed: {e.code}")
+        except Exception as e:  # a bug; the engine normally wraps these itself
+            log.exception("job %s: unexpected error", job_id)
+            return self._finish(job_id, "failed", attempt, from_={"running", "cancelling"},
+                                progress=reporter.flush(),
+                                error={"code": "internal_error", "param": None,
+                                       "message": f"unexpected {type(e).__name__}: {e}"[:2000]},
+                                message="failed: internal_error")
+        finally:
+            watchdog.cancel()
+            watcher.stop()
+            engine_log.removeHandler(handler)
+        progress = dict(reporter.flush(), stage="done", fraction=1.0, eta_seconds=0.0)
+        res = result.to_dict()
+        for w in res.get("warnings") or []:
+            self.store.add_event(job_id, "warning", str(w)[:2000])
+        return self._finish(job_id, "succeeded", attempt, from_={"running", "cancelling"}, progress=progress,
+                            result=res, message="succeeded")
+
+    def _finish(self, job_id: str, status: str, attempt: int | None, *, from_: set[str], message: str,
+                progress: dict | None = None, result: dict | None = None, error: dict | None = None) -> str | None:
+        fields: dict = {}
+        if progress is not None:
+            fields["progress"] = progress
+        if result is not None:
+            fields["result"] = result
+        if error is not None:
+            fields["error"] = error
+        try:
+            self._with_redis_retries(lambda: self.store.transition(job_id, status, from_=from_, attempt=attempt,
+                                                                   fields=fields, message=message))
+        except StaleAttempt:
+            log.warning("job %s: attempt %s was superseded; not recording %s", job_id, attempt, status)
+            return None
+        except IllegalTransition as e:
+            log.warning("job %s: cannot record %s: %s", job_id, status, e)
+            return None
+        log.info("job %s %s", job_id, status)
+        return status
+
+    @staticmethod
+    def _with_redis_retries(fn, budget_s: float = 120.0):
+        """The outcome of a merge that took hours must not be lost to a Redis blip (a
+        failover, a restart): retry the write with backoff for a couple of minutes."""
+        import redis
+
+        deadline = time.monotonic() + budget_s
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("Redis unavailable (%s); retrying in %.1fs", e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+    def _watchdog(self, job_id: str, attempt: int, limit: int) -> None:
+        """The engine is stuck inside one tensor far past the time limit: record the
+        timeout and end the process (the supervisor restarts the worker)."""
+        log.critical("job %s is stuck %ss past its %ss limit; exiting the worker", job_id, WATCHDOG_GRACE_S, limit)
+        try:
+            self._finish(job_id, "failed", attempt, from_={"running", "cancelling"}, message="watchdog: stuck",
+                         error={"code": "timeout", "param": None,
+                                "message": f"the merge exceeded the {limit}s time limit and did not stop; "
+                                           "its worker was restarted (partial output may remain)"})
+        finally:
+            os._exit(70)

@@ -1,0 +1,109 @@
+"""Celery tasks and worker lifecycle hooks. Thin: the job rules are in worker.runner,
+the merge in drmerge.pipeline.
+
+A worker process also keeps a heartbeat in Redis (``/readyz`` and ``drmerge_workers_live``
+count them; a running job whose worker has no heartbeat can be reclaimed) and runs a
+webhook delivery loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from celery import signals
+
+from service.jobstore import JobStore
+from service.settings import get_settings
+from service.webhooks import WebhookDeliverer
+
+from .celery_app import MERGE_TASK, celery_app
+from .runner import JobRunner
+
+log = logging.getLogger("drmerge.worker")
+for _noisy in ("botocore", "boto3", "s3transfer", "urllib3"):  # per-client INFO lines, not job news
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+_state: dict = {"name": None, "runner": None, "store": None, "stop": threading.Event(), "threads": []}
+
+
+def _store() -> JobStore:
+    if _state["store"] is None:
+        s = get_settings()
+        _state["store"] = JobStore.from_url(s.redis_url, prefix=s.key_prefix, idempotency_ttl_s=s.idempotency_ttl_s)
+    return _state["store"]
+
+
+def resolve_device(setting: str) -> str:
+    """``auto`` -> cuda if a GPU is visible, else cpu (decided once, at worker start)."""
+    if setting != "auto":
+        return setting
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "cpu"
+
+
+def _runner(hostname: str | None = None) -> JobRunner:
+    if _state["runner"] is None:
+        s = get_settings()
+        name = _state["name"] or hostname or f"drmerge@{socket.gethostname()}-{os.getpid()}"
+        _state["name"] = name
+        _state["runner"] = JobRunner(_store(), s, name, device=resolve_device(s.worker_device))
+    return _state["runner"]
+
+
+@celery_app.task(name=MERGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def merge(self, job_id: str) -> str | None:
+    """Run merge job ``job_id`` (the message carries only the id; the job is in Redis)."""
+    return _runner(self.request.hostname).run(job_id)
+
+
+def _heartbeat_loop() -> None:
+    s = get_settings()
+    started = time.time()
+    while not _state["stop"].is_set():
+        runner = _state["runner"]
+        try:
+            _store().heartbeat(_state["name"], {"pid": os.getpid(), "host": socket.gethostname(),
+                                                "device": runner.device if runner else None,
+                                                "started_at": started, "queue": s.queue,
+                                                "current_job": runner.current_job if runner else None},
+                               s.worker_heartbeat_ttl_s)
+        except Exception as e:
+            log.warning("heartbeat failed: %s", e)
+        _state["stop"].wait(s.worker_heartbeat_s)
+
+
+@signals.worker_ready.connect
+def _on_ready(sender=None, **_):
+    hostname = getattr(sender, "hostname", None)
+    _state["name"] = hostname or _state["name"]
+    runner = _runner(hostname)
+    log.info("worker %s ready on device %s", runner.worker_name, runner.device)
+    try:  # import torch and the engine now, not inside the first job
+        import drmerge.pipeline  # noqa: F401
+    except Exception as e:
+        log.error("cannot import the merge engine: %s", e)
+    t = threading.Thread(target=_heartbeat_loop, name="drmerge-heartbeat", daemon=True)
+    t.start()
+    _state["threads"].append(t)
+    _state["deliverer"] = WebhookDeliverer(_store(), get_settings()).start()
+
+
+@signals.worker_shutdown.connect
+def _on_shutdown(**_):
+    _state["stop"].set()
+    deliverer = _state.get("deliverer")
+    if deliverer is not None:
+        deliverer.stop()
+    if _state["name"]:
+        try:
+            _store().remove_worker(_state["name"])
+        except Exception:
+            pass
