@@ -255,9 +255,11 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", default=["drm", "ties", "task_arithmetic"])
     ap.add_argument("--big-method", default="drm")
     ap.add_argument("--target", default="w1", help="overlap: which workload (w1, or w3 for S3)")
+    ap.add_argument("--layers", type=int, default=None, help="overlap/w3: a W1 variant with fewer layers")
     args = ap.parse_args(argv)
     if args.workload in ("scaling", "overlap", "w3"):
-        from . import scaling, overlap  # noqa: F401
+        from . import overlap, scaling
+
         {"scaling": scaling.main, "overlap": overlap.main, "w3": overlap.main_w3}[args.workload](args)
         return
     {"w1": suite_w1, "w2": suite_w2, "big": suite_big}[args.workload](args)
