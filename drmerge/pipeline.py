@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 MARKER = "drmerge.json"
 PREFETCH = 2  # tensors read ahead of the one being merged
+# An element-wise tensor whose inputs (base + models, as stored) exceed this is not read
+# ahead whole but read chunk by chunk as it is merged (LazyTensor).
+LAZY_INPUT_BYTES = 256 * 2**20
 COMPUTE_DTYPE = torch.float32
 
 
@@ -101,6 +104,11 @@ class Inputs:
         base = self.base.read(name) if self.base else None
         return base, [m.read(name) for m in self.models]
 
+    def lazy(self, name: str) -> tuple[LazyTensor | None, list[LazyTensor]]:
+        """Like ``read``, but leaves the data in storage (see LazyTensor)."""
+        base = LazyTensor(self.base, name) if self.base else None
+        return base, [LazyTensor(m, name) for m in self.models]
+
     def nbytes(self, name: str) -> int:
         readers = ([self.base] if self.base else []) + self.models
         return sum(r.tensors[name].length for r in readers)
@@ -108,6 +116,33 @@ class Inputs:
     def close(self) -> None:
         for s in self.storages:
             s.close()
+
+
+class LazyTensor:
+    """A tensor left in storage, read range by range while it is merged element-wise.
+
+    Large tensors (embeddings, output heads) are merged this way so that their inputs are
+    never all in memory at once: memory per tensor is a few chunks, whatever the vocabulary.
+    Offers the slice of the tensor API that ``merge_elementwise`` uses on flat inputs.
+    """
+
+    def __init__(self, reader: CheckpointReader, name: str):
+        self.reader, self.name = reader, name
+        info = reader.tensors[name]
+        self.shape = torch.Size(info.shape)
+        self.dtype = DTYPES[info.dtype][0]
+
+    def reshape(self, *shape) -> "LazyTensor":
+        return self  # only ever used flat
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __getitem__(self, span: slice) -> torch.Tensor:
+        return self.reader.read_elements(self.name, span.start, span.stop)
+
+    def to(self, device=None, dtype=None) -> torch.Tensor:
+        return self.reader.read(self.name).reshape(-1).to(device=device, dtype=dtype)
 
 
 def _check_finite(spec: MergeSpec, name: str, base, tensors) -> None:
@@ -160,7 +195,12 @@ def merged_tensors(inputs: Inputs, names: Iterable[str], device: torch.device,
     pending: list[Future] = []
     try:
         def submit(i: int) -> None:
-            pending.append(pool.submit(inputs.read, order[i].name))
+            tp = order[i]
+            if tp.kind != COPY and is_elementwise(inputs.spec.method, tp.kind, MATRIX) \
+                    and inputs.nbytes(tp.name) > LAZY_INPUT_BYTES:
+                pending.append(pool.submit(inputs.lazy, tp.name))
+            else:
+                pending.append(pool.submit(inputs.read, tp.name))
 
         for i in range(min(PREFETCH, len(order))):
             submit(i)

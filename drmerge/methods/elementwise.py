@@ -31,7 +31,8 @@ def is_elementwise(method: str, kind: str, matrix_kind: str) -> bool:
 def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: torch.Tensor,
                       p: Parameters, *, compute_dtype: torch.dtype, device: torch.device, out_dtype: torch.dtype,
                       check_finite=None, chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Merged tensor (``out_dtype``, on the CPU) of ``tensors`` (as read, any float dtype).
+    """Merged tensor (``out_dtype``, on the CPU) of ``tensors`` (as read, any float dtype;
+    or pipeline.LazyTensor objects that read each chunk from storage when it is needed).
 
     ``check_finite(base_chunk, stack_chunk)`` is called on every chunk before use."""
     shape = tensors[0].shape
@@ -57,12 +58,14 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
     masks = None
     if fraction < 1.0 and n:
         masks = []
-        for i, f in enumerate(flats):
+        whole_base = flat_base.to(device=device, dtype=compute_dtype) if flat_base is not None else None
+        for f in flats:
             d = f.to(device=device, dtype=compute_dtype)
-            if flat_base is not None:
-                d = d - flat_base.to(device=device, dtype=compute_dtype)
+            if whole_base is not None:
+                d = d - whole_base
             masks.append(TopMask.of(d, fraction))
             del d
+        del whole_base
 
     def trimmed(a: int, b: int, ties_seen: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
         bc, stack = load(a, b)
