@@ -39,7 +39,16 @@ def _spec(base: str, models: list[str], out: str, method: str, **params):
 
 
 def _passthrough(inputs, tp, base, tensors, device):
-    return (base if base is not None else tensors[0]).to(DTYPES[tp.out.dtype][0])
+    """No merge: the output is the base; lazily read inputs are still read, chunk by chunk."""
+    first = base if base is not None else tensors[0]
+    if isinstance(first, pipeline.LazyTensor):
+        from drmerge.methods.elementwise import CHUNK_ELEMENTS
+
+        for t in ([base] if base is not None else []) + list(tensors):
+            for a in range(0, t.numel(), CHUNK_ELEMENTS):
+                t[a:min(t.numel(), a + CHUNK_ELEMENTS)]
+        return first.to(DTYPES[tp.out.dtype][0]).reshape(first.shape)
+    return first.to(DTYPES[tp.out.dtype][0])
 
 
 def io_alone(spec, s3_options=None) -> dict:

@@ -141,8 +141,9 @@ class LazyTensor:
     def __getitem__(self, span: slice) -> torch.Tensor:
         return self.reader.read_elements(self.name, span.start, span.stop)
 
-    def to(self, device=None, dtype=None) -> torch.Tensor:
-        return self.reader.read(self.name).reshape(-1).to(device=device, dtype=dtype)
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        """The whole tensor, read now (flat), then ``Tensor.to(*args, **kwargs)``."""
+        return self.reader.read(self.name).reshape(-1).to(*args, **kwargs)
 
 
 def _check_finite(spec: MergeSpec, name: str, base, tensors) -> None:
