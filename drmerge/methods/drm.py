@@ -63,19 +63,25 @@ def shared_row_basis(deltas: torch.Tensor, rank_threshold: float):
     if m <= t * n:
         # Right side is smaller: eigenvectors of S^T S are V directly.
         flat = d.reshape(t * n, m)
-        s, v = _top_eigenpairs(flat.T @ flat, rank_threshold)
+        s, v = _top_eigenpairs(_gram(flat.T, flat), rank_threshold)
         if v is None:
             return None
         v = v.to(work)
         return d @ v, v
     # Stack side is smaller: eigenvectors of S S^T are U; P_t = U_t diag(s), V = S^T U / s.
     flat = d.reshape(t * n, m)
-    s, u = _top_eigenpairs(flat @ flat.T, rank_threshold)
+    s, u = _top_eigenpairs(_gram(flat, flat.T), rank_threshold)
     if u is None:
         return None
     s, u = s.to(work), u.to(work)
     v = (flat.T @ u) / s
     return (u * s).reshape(t, n, -1), v
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in the work dtype, handed over in float64 (the work-dtype copy is freed
+    before the eigendecomposition starts)."""
+    return (a @ b).to(DECOMP_DTYPE)
 
 
 def _work_dtype(deltas: torch.Tensor) -> torch.dtype:
@@ -94,13 +100,13 @@ _EXACT_WORK = 2**30
 def _top_eigenpairs(gram: torch.Tensor, rank_threshold: float):
     """Singular values (descending) and vectors above ``rho * s_1`` from a Gram matrix,
     decomposed in float64 whatever its dtype."""
-    evals, evecs = torch.linalg.eigh(gram.to(DECOMP_DTYPE))
-    evals, evecs = evals.flip(0), evecs.flip(1)
+    evals, evecs = torch.linalg.eigh(gram.to(DECOMP_DTYPE))  # ascending
     s = evals.clamp_min(0).sqrt()
-    if s.numel() == 0 or s[0] <= 0:
+    if s.numel() == 0 or s[-1] <= 0:
         return None, None
-    keep = s > rank_threshold * s[0]
-    return s[keep], evecs[:, keep]
+    r = int((s > rank_threshold * s[-1]).sum())  # the kept components are the last r
+    # Copy only the kept columns, already in descending order (no full-size flip copy).
+    return s[-r:].flip(0), evecs[:, -r:].flip(1)
 
 
 def merge_loadings(loadings: torch.Tensor, weights: torch.Tensor, p: Parameters) -> torch.Tensor:
