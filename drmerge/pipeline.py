@@ -147,6 +147,9 @@ class LazyTensor:
 
 
 def _check_finite(spec: MergeSpec, name: str, base, tensors) -> None:
+    # One pass over the stack in the common case; per input only to name the culprit.
+    if (base is None or bool(torch.isfinite(base).all())) and bool(torch.isfinite(tensors).all()):
+        return
     for label, t in ([("base_model", base)] if base is not None else []) + [
             (f"models[{i}] ({m.model})", x) for i, (m, x) in enumerate(zip(spec.models, tensors))]:
         if not bool(torch.isfinite(t).all()):
