@@ -186,6 +186,15 @@ class CheckpointReader:
             return torch.empty(info.shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
+    def read_elements(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Flat elements ``[start, stop)`` of a tensor: one ranged read, nothing else."""
+        info = self.tensors[name]
+        dtype, size = DTYPES[info.dtype]
+        if stop <= start:
+            return torch.empty(0, dtype=dtype)
+        buf = self.storage.read_range(info.file, info.start + start * size, (stop - start) * size)
+        return torch.frombuffer(buf, dtype=dtype)
+
     def small_files(self) -> list[str]:
         """Non-weight files worth copying next to merged weights (config, tokenizer, ...)."""
         return sorted(

@@ -35,7 +35,8 @@ from .adapters import AdapterReader, is_adapter_dir, merge_with_adapters, plan_w
 from .checkpoint import (DTYPES, INDEX_FILE, MAX_SMALL_FILE_BYTES, CheckpointReader, ShardWriter, index_json,
                          shard_header, shard_names)
 from .errors import Cancelled, Interrupted, MergeError
-from .methods import COPY, merge_tensor
+from .methods import COPY, MATRIX, merged_delta
+from .methods.elementwise import is_elementwise, merge_elementwise
 from .plan import Plan, TensorPlan, build_plan
 from .spec import MergeSpec
 from .storage import Storage, open_storage
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 MARKER = "drmerge.json"
 PREFETCH = 2  # tensors read ahead of the one being merged
+# An element-wise tensor whose inputs (base + models, as stored) exceed this is not read
+# ahead whole but read chunk by chunk as it is merged (LazyTensor).
+LAZY_INPUT_BYTES = 256 * 2**20
 COMPUTE_DTYPE = torch.float32
 VERIFY_CHUNK = 16 * 1024 * 1024  # read-back size when verifying a kept shard
 
@@ -121,6 +125,11 @@ class Inputs:
         base = self.base.read(name) if self.base else None
         return base, [m.read(name) for m in self.models]
 
+    def lazy(self, name: str) -> tuple[LazyTensor | None, list[LazyTensor]]:
+        """Like ``read``, but leaves the data in storage (see LazyTensor)."""
+        base = LazyTensor(self.base, name) if self.base else None
+        return base, [LazyTensor(m, name) for m in self.models]
+
     def nbytes(self, name: str) -> int:
         readers = ([self.base] if self.base else []) + self.models
         return sum(r.nbytes(name) if isinstance(r, AdapterReader) else r.tensors[name].length for r in readers)
@@ -130,7 +139,38 @@ class Inputs:
             s.close()
 
 
+class LazyTensor:
+    """A tensor left in storage, read range by range while it is merged element-wise.
+
+    Large tensors (embeddings, output heads) are merged this way so that their inputs are
+    never all in memory at once: memory per tensor is a few chunks, whatever the vocabulary.
+    Offers the slice of the tensor API that ``merge_elementwise`` uses on flat inputs.
+    """
+
+    def __init__(self, reader: CheckpointReader, name: str):
+        self.reader, self.name = reader, name
+        info = reader.tensors[name]
+        self.shape = torch.Size(info.shape)
+        self.dtype = DTYPES[info.dtype][0]
+
+    def reshape(self, *shape) -> "LazyTensor":
+        return self  # only ever used flat
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __getitem__(self, span: slice) -> torch.Tensor:
+        return self.reader.read_elements(self.name, span.start, span.stop)
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        """The whole tensor, read now (flat), then ``Tensor.to(*args, **kwargs)``."""
+        return self.reader.read(self.name).reshape(-1).to(*args, **kwargs)
+
+
 def _check_finite(spec: MergeSpec, name: str, base, tensors) -> None:
+    # One pass over the stack in the common case; per input only to name the culprit.
+    if (base is None or bool(torch.isfinite(base).all())) and bool(torch.isfinite(tensors).all()):
+        return
     for label, t in ([("base_model", base)] if base is not None else []) + [
             (f"models[{i}] ({m.model})", x) for i, (m, x) in enumerate(zip(spec.models, tensors))]:
         if not bool(torch.isfinite(t).all()):
@@ -139,17 +179,33 @@ def _check_finite(spec: MergeSpec, name: str, base, tensors) -> None:
 
 def merge_one(inputs: Inputs, tp: TensorPlan, base: torch.Tensor | None, tensors: list[torch.Tensor],
               device: torch.device) -> torch.Tensor:
-    """Merge one tensor (already read) and return it in its output dtype, on the CPU."""
+    """Merge one tensor (already read) and return it in its output dtype, on the CPU.
+
+    Memory: element-wise merges run chunk by chunk (methods.elementwise); a DRM matrix
+    is converted once into a preallocated float32 stack whose deltas are formed in place,
+    and the buffers as read are released (``tensors`` is emptied) as soon as it is built.
+    """
     spec = inputs.spec
     out_dtype = DTYPES[tp.out.dtype][0]
     if tp.kind == COPY:
         return (base if base is not None else tensors[0]).to(out_dtype)
     if inputs.adapters:  # some task deltas are LoRA factors (or absent): adapters.py
         return merge_with_adapters(inputs, tp, base, tensors, device).to(dtype=out_dtype).cpu()
-    b = base.to(device=device, dtype=COMPUTE_DTYPE) if base is not None else None
-    stack = torch.stack([t.to(device=device, dtype=COMPUTE_DTYPE) for t in tensors])
+    if is_elementwise(spec.method, tp.kind, MATRIX):
+        def check(b, stack):
+            _check_finite(spec, tp.name, b, stack)
+        return merge_elementwise(spec.method, base, tensors, inputs.weights, spec.parameters,
+                                 compute_dtype=COMPUTE_DTYPE, device=device, out_dtype=out_dtype, check_finite=check)
+    stack = torch.empty((len(tensors),) + tuple(tensors[0].shape), dtype=COMPUTE_DTYPE, device=device)
+    for i, t in enumerate(tensors):
+        stack[i].copy_(t)
+    tensors.clear()
+    b = base.to(device=device, dtype=COMPUTE_DTYPE)
     _check_finite(spec, tp.name, b, stack)
-    merged = merge_tensor(spec.method, tp.kind, b, stack, inputs.weights.to(device), spec.parameters)
+    stack -= b  # D_t, in place
+    delta = merged_delta(spec.method, tp.kind, stack, inputs.weights.to(device), spec.parameters)
+    del stack
+    merged = delta.mul_(spec.parameters.scale).add_(b)  # W0 + lam * D, as merge_tensor computes it
     return merged.to(dtype=out_dtype).cpu()
 
 
@@ -166,7 +222,12 @@ def merged_tensors(inputs: Inputs, names: Iterable[str], device: torch.device,
     pending: list[Future] = []
     try:
         def submit(i: int) -> None:
-            pending.append(pool.submit(inputs.read, order[i].name))
+            tp = order[i]
+            if tp.kind != COPY and not inputs.adapters and is_elementwise(inputs.spec.method, tp.kind, MATRIX) \
+                    and inputs.nbytes(tp.name) > LAZY_INPUT_BYTES:
+                pending.append(pool.submit(inputs.lazy, tp.name))
+            else:
+                pending.append(pool.submit(inputs.read, tp.name))
 
         for i in range(min(PREFETCH, len(order))):
             submit(i)
@@ -181,6 +242,7 @@ def merged_tensors(inputs: Inputs, names: Iterable[str], device: torch.device,
             if progress_bytes:
                 progress_bytes(inputs.nbytes(tp.name))
             merged = merge_one(inputs, tp, base, tensors, device)
+            del base, tensors  # the buffers as read are not kept alive while the writer works
             timings["read_wait_s"] += t1 - t0
             timings["compute_s"] += time.perf_counter() - t1
             yield tp, merged
