@@ -36,6 +36,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
+BASE_LAYER_SUFFIX = ".base_layer.weight"  # PEFT's save_embedding_layers: a full copy of an adapted layer
 
 # Config flags that change what the adapter does to the weights, with why we refuse them.
 REFUSED_FLAGS = {
@@ -115,8 +116,12 @@ class AdapterReader:
             what = f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
             raise MergeError("input_not_found", f"{label}: adapter has no {ADAPTER_WEIGHTS}{what}", param=param)
         raw = parse_header(storage, ADAPTER_WEIGHTS)
+        # Full copies of adapted layers (PEFT saves them for lm_head/embeddings in case the
+        # vocabulary was resized): module key -> tensor. See check_base_layers().
+        self.base_layers: dict[str, TensorInfo] = {}
         self.modules: dict[str, LoraModule] = self._modules(raw)
         self.by_name: dict[str, LoraModule] = {}  # base tensor name -> module, set by bind()
+        self.layer_copies: dict[str, TensorInfo] = {}  # base tensor name -> differing layer copy
 
     # ------------------------------------------------------------------ config
 
@@ -192,9 +197,15 @@ class AdapterReader:
                 factors.setdefault(key[:-len(A_SUFFIX)], {})["A"] = info
             elif key.endswith(B_SUFFIX):
                 factors.setdefault(key[:-len(B_SUFFIX)], {})["B"] = info
+            elif key.endswith(BASE_LAYER_SUFFIX) and ".lora_" not in key:
+                self.base_layers[key[:-len(BASE_LAYER_SUFFIX)]] = info
             else:
                 others.append(key)
         self._check_tensors(others)
+        orphans = [k for k in self.base_layers if k not in factors]
+        if orphans:  # a saved layer copy with no LoRA on it: nothing we can merge exactly
+            self._refuse(f"tensor {orphans[0]}{BASE_LAYER_SUFFIX} is a full layer copy without LoRA factors",
+                         orphans[0])
         self._check_config(next(iter(sorted(factors)), None))
         if not factors:
             raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_WEIGHTS} holds no LoRA factors", param=self.param)
@@ -298,6 +309,38 @@ class AdapterReader:
                     oriented[name] = shape == (inp, out)
         square = any(oriented.values()) or bool(self.config.get("fan_in_fan_out", False))
         self.by_name = {name: replace(mod, fan_in_fan_out=oriented.get(name, square)) for name, mod in named.items()}
+        self.layer_copies = {name: self.base_layers[mod.key] for name, mod in named.items() if mod.key in self.base_layers}
+
+    def check_base_layers(self, base, require_unchanged: bool) -> None:
+        """Resolve the full layer copies the adapter carries against the base.
+
+        A copy identical to the base weight (the usual case: PEFT saves lm_head whenever it
+        is adapted) adds nothing and is dropped, so the module stays low rank. A differing
+        copy is what PEFT loads instead of the base weight, so the task's weight there is
+        ``copy + scaling * B @ A``: the full output merges it densely; an adapter output
+        cannot express it (``require_unchanged``) and refuses it, as it refuses a copy it
+        cannot compare for lack of a base.
+        """
+        for name, info in list(self.layer_copies.items()):
+            module = self.by_name[name].key
+            if base is None:
+                if require_unchanged:
+                    self._refuse(f"the adapter carries a full copy of {module} (PEFT save_embedding_layers), which "
+                                 "an adapter output can only drop after checking it against base_model; give "
+                                 "base_model, or re-save the adapter with save_embedding_layers=False", module)
+                continue
+            ref = base.tensors[name]
+            if tuple(info.shape) != tuple(ref.shape):
+                raise MergeError("incompatible_checkpoints", f"{self.label}: its copy of {module} is "
+                                 f"{'x'.join(map(str, info.shape))}, base tensor {name} is "
+                                 f"{'x'.join(map(str, ref.shape))} (was the vocabulary resized?)", param=self.param)
+            same = info.dtype == ref.dtype and bytes(self.storage.read_range(info.file, info.start, info.length)) \
+                == bytes(base.storage.read_range(ref.file, ref.start, ref.length))
+            if same:
+                del self.layer_copies[name]
+            elif require_unchanged:
+                self._refuse(f"its copy of {module} differs from the base (retrained or resized layer): an adapter "
+                             "output cannot carry it; use output_format: full", module)
 
     def _match(self, name: str, base_shapes) -> str:
         if name in base_shapes:
@@ -314,17 +357,23 @@ class AdapterReader:
 
     # ------------------------------------------------------------------ reading
 
-    def read(self, name: str) -> LowRank | None:
-        """The delta of base tensor ``name`` as factors (scaling folded into the left one), or
-        ``None`` if this adapter leaves it alone."""
+    def read(self, name: str) -> LowRank | torch.Tensor | None:
+        """The delta of base tensor ``name`` as factors (scaling folded into the left one),
+        ``None`` if this adapter leaves it alone, or the task's full weights (a tensor) where
+        the adapter carries a layer copy that differs from the base."""
         mod = self.by_name.get(name)
         if mod is None:
             return None
         a, b = self._tensor(mod.a), self._tensor(mod.b)
         a, b = a.to(torch.float32), b.to(torch.float32)
         if mod.fan_in_fan_out:  # delta = (B @ A)^T = A^T @ B^T
-            return LowRank(a.T * mod.scaling, b.T)
-        return LowRank(b * mod.scaling, a)
+            delta = LowRank(a.T * mod.scaling, b.T)
+        else:
+            delta = LowRank(b * mod.scaling, a)
+        copy = self.layer_copies.get(name)
+        if copy is not None:  # full weights, like a full fine-tune's: the layer copy plus the LoRA delta
+            return self._tensor(copy).to(torch.float32) + delta.dense(torch.float32)
+        return delta
 
     def _tensor(self, info: TensorInfo) -> torch.Tensor:
         buf = self.storage.read_range(info.file, info.start, info.length)
@@ -338,11 +387,13 @@ class AdapterReader:
         factor lives in its file."""
         factors = [[m.key, m.a.start, m.a.length, m.a.dtype, m.b.start, m.b.length, m.b.dtype]
                    for m in self.modules.values()]
-        return json.dumps([self.storage.uri, self.config, factors], sort_keys=True, default=str)
+        copies = [[n, i.start, i.length, i.dtype] for n, i in sorted(self.layer_copies.items())]
+        return json.dumps([self.storage.uri, self.config, factors, copies], sort_keys=True, default=str)
 
     def nbytes(self, name: str) -> int:
         mod = self.by_name.get(name)
-        return 0 if mod is None else mod.a.length + mod.b.length
+        copy = self.layer_copies.get(name)
+        return (0 if mod is None else mod.a.length + mod.b.length) + (0 if copy is None else copy.length)
 
     @property
     def max_rank(self) -> int:
@@ -418,6 +469,9 @@ def plan_with_adapters(spec, base, models: list, uris: list[str]):
         reference = base
     else:
         shapes = bind_adapters(adapters, None)
+    for ad in adapters:
+        ad.check_base_layers(base, require_unchanged=spec.output_format == "adapter")
+    if base is None:
         dtypes = {a.dtype for a in adapters}
         reference = AdapterReference(shapes, dtypes.pop() if len(dtypes) == 1 else "F32")
     dense = [(u, m) for u, m in zip(uris, models) if not isinstance(m, AdapterReader)]

@@ -117,10 +117,17 @@ def engine_deltas(base_dir: str, adapter_dirs: list[str], dtype=torch.float64) -
     ref = CheckpointReader(LocalStorage(base_dir))
     readers = [AdapterReader(LocalStorage(a), a) for a in adapter_dirs]
     bind_adapters(readers, {n: i.shape for n, i in ref.tensors.items()})
+    for r in readers:
+        r.check_base_layers(ref, require_unchanged=False)
     out = {}
     for name, info in ref.tensors.items():
         out[name] = []
         for r in readers:
             f = r.read(name)
-            out[name].append(torch.zeros(info.shape, dtype=dtype) if f is None else f.left.to(dtype) @ f.right.to(dtype))
+            if f is None:
+                out[name].append(torch.zeros(info.shape, dtype=dtype))
+            elif isinstance(f, torch.Tensor):  # full weights (a differing layer copy + delta)
+                out[name].append(f.to(dtype) - ref.read(name).to(dtype))
+            else:
+                out[name].append(f.left.to(dtype) @ f.right.to(dtype))
     return out

@@ -11,6 +11,7 @@ import torch
 
 from drmerge import merge
 from drmerge.cli import main as cli_main
+from drmerge.errors import MergeError
 from drmerge.methods.drm import drm_matrix_delta, drm_vector_delta
 from drmerge.plan import Selector
 from drmerge.checkpoint import CheckpointReader
@@ -236,8 +237,38 @@ def test_adapter_on_a_vector_like_matrix(models, tmp_path):
     merge({"base_model": models["base"], "models": heads, "output": str(d / "full")}, device="cpu")
     b = state(models["base"])["lm_head.weight"]
     assert rel(state(str(d / "full"))["lm_head.weight"] - b, want) < 1e-4
-    merge({"models": heads, "output": str(d / "ad"), "output_format": "adapter", "adapter_rank": 64}, device="cpu")
+    # PEFT saved a full copy of lm_head with each adapter (save_embedding_layers); it equals
+    # the base, so the adapter output may drop it, but only after checking against the base.
+    ad = {"models": heads, "output": str(d / "ad"), "output_format": "adapter", "adapter_rank": 64}
+    with pytest.raises(MergeError) as e:
+        merge(ad, device="cpu")
+    assert e.value.code == "invalid_spec" and "save_embedding_layers" in e.value.message and "lm_head" in e.value.message
+    merge({**ad, "base_model": models["base"]}, device="cpu")
     assert rel(peft_merged(models["base"], str(d / "ad"))["lm_head.weight"] - b, want) < 1e-4
+
+
+def test_adapter_with_a_retrained_layer_copy(models, tmp_path):
+    """A layer copy that differs from the base is what PEFT loads instead of the base
+    weight: the task's lm_head is copy + B @ A. Full output merges that; adapter output refuses."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.lora_helpers import peft_merged_state
+
+    ad = make_adapter(models["base"], str(tmp_path / "h"), seed=21, r=4, target_modules=["q_proj", "lm_head"])
+    f = os.path.join(ad, "adapter_model.safetensors")
+    tensors = load_file(f)
+    tensors["base_model.model.lm_head.base_layer.weight"] += 0.01
+    save_file(tensors, f)
+    task_weights = peft_merged_state(models["base"], ad)  # PEFT: copy + delta
+    out = str(tmp_path / "out")
+    merge({"base_model": models["base"], "models": [ad], "output": out, "method": "task_arithmetic"}, device="cpu")
+    got = state(out)
+    for name in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert torch.allclose(got[name], task_weights[name], atol=1e-6), name
+    with pytest.raises(MergeError) as e:
+        merge({"base_model": models["base"], "models": [ad], "output": str(tmp_path / "ad"),
+               "output_format": "adapter"}, device="cpu")
+    assert e.value.code == "invalid_spec" and "differs from the base" in e.value.message and "lm_head" in e.value.message
 
 
 def test_gpt2_adapter_output_round_trip(tmp_path):
@@ -258,8 +289,6 @@ def test_gpt2_adapter_output_round_trip(tmp_path):
 
 
 def test_cancel_and_overwrite(models, tmp_path):
-    from drmerge.errors import MergeError
-
     out = str(tmp_path / "out")
     spec = {"models": models["adapters"], "output": out, "output_format": "adapter"}
     with pytest.raises(MergeError) as e:
