@@ -265,6 +265,7 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
             except Exception:
                 paused = True  # cannot tell: deleting might destroy a newer run's output
         if paused:  # as run_merge: what is committed may belong to a newer attempt; keep it
+            _remove_empty_local_dir(out)
             if isinstance(e, Interrupted):
                 raise
             raise Interrupted(f"the merge stopped while a pause was requested ({e})", kept=0) from e

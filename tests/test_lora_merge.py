@@ -300,3 +300,22 @@ def test_cancel_and_overwrite(models, tmp_path):
     assert e.value.code == "output_exists"
     merge({**spec, "overwrite": True, "adapter_rank": 2}, device="cpu")
     assert json.load(open(os.path.join(out, "adapter_config.json")))["r"] == 2
+
+
+def test_adapter_output_service_hooks(models, tmp_path):
+    """run_merge's resume/pause hooks (used by the worker) work for adapter outputs too."""
+    from drmerge.errors import Interrupted
+    from drmerge.pipeline import run_merge
+    from drmerge.spec import parse_spec
+
+    out = str(tmp_path / "out")
+    spec = parse_spec({"models": models["adapters"], "output": out, "output_format": "adapter"})
+    with pytest.raises(Interrupted):
+        run_merge(spec, device="cpu", should_pause=lambda: True)
+    assert not os.path.exists(out)
+    journal = []
+    first = run_merge(spec, device="cpu", completed_shards=[], on_shard=journal.append)
+    assert [e["name"] for e in journal] == ["adapter_model.safetensors", "adapter_config.json"]
+    assert all(e["plan"] for e in journal) and first.resumed == {"shards_kept": 0, "tensors_skipped": 0}
+    again = run_merge(spec, device="cpu", completed_shards=journal)  # already complete: returned as is
+    assert again.files == first.files and again.bytes_written == 0
