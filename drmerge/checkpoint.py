@@ -83,6 +83,8 @@ def parse_header(storage: Storage, file: str) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        if not _is_text(name):
+            _corrupt(storage, file, f"tensor name {name!r} is not valid Unicode (a lone surrogate escape)")
         if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"} or len(entry) != 3:
             _corrupt(storage, file, f"tensor {name!r} has a malformed entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -108,9 +110,19 @@ def parse_header(storage: Storage, file: str) -> dict[str, TensorInfo]:
     return infos
 
 
+def _is_text(name: str) -> bool:
+    """JSON may escape lone surrogates (``"\\ud800"``), which no UTF-8 file, S3 key or
+    HTTP response can carry (the safetensors library refuses them too)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _safe_shard_name(storage: Storage, index_file: str, name) -> str:
     if (not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name
-            or name.startswith(".") or "\x00" in name):
+            or name.startswith(".") or "\x00" in name or not _is_text(name)):
         _corrupt(storage, index_file, f"weight_map points to {name!r}, which is not a shard file inside the checkpoint")
     return name
 

@@ -30,8 +30,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("worker", help="run a Celery merge worker (one merge at a time)")
     p.add_argument("--hostname", help="worker name (default drmerge@<host>)")
     p.add_argument("--queue", help="queue to consume (default DRMERGE_QUEUE or drmerge)")
-    p.add_argument("--pool", default="solo", choices=("solo", "threads"),
-                   help="solo (default) runs merges in the worker process itself; forking pools are not "
+    p.add_argument("--pool", default="threads", choices=("threads", "solo"),
+                   help="threads (default): the merge runs on a pool thread (one at a time) while the main "
+                        "thread keeps answering the broker, so health-check pings work mid-merge; solo runs it "
+                        "on the main thread, which cannot answer pings while it merges. Forking pools are not "
                         "offered because CUDA does not survive a fork")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_worker)
@@ -117,9 +119,11 @@ def cmd_api(args) -> int:
     from service.settings import get_settings
 
     s = get_settings()
+    # SIGTERM: uvicorn stops accepting, lets in-flight requests finish (up to the timeout),
+    # then runs the app's shutdown (webhook loop, reaper).
     uvicorn.run("service.app:create_app", factory=True, host=args.host or s.api_host, port=args.port or s.api_port,
                 workers=args.workers or s.api_workers, log_level=args.log_level, proxy_headers=True,
-                timeout_keep_alive=s.api_keep_alive_s)
+                timeout_keep_alive=s.api_keep_alive_s, timeout_graceful_shutdown=s.api_shutdown_timeout_s or None)
     return 0
 
 

@@ -46,3 +46,15 @@ class Cancelled(MergeError):
 
     def __init__(self, message: str = "the merge was cancelled"):
         super().__init__("cancelled", message)
+
+
+class Interrupted(Exception):
+    """Raised by the pipeline when its ``should_pause`` hook says stop: unlike a cancel,
+    the shards committed so far are kept (and were reported through ``on_shard``), so a
+    later run given them as ``completed_shards`` resumes instead of starting over. Not a
+    failure, so it carries no error code."""
+
+    def __init__(self, message: str = "the merge was interrupted; its committed shards were kept for a resume",
+                 kept: int = 0):
+        super().__init__(message)
+        self.kept = kept

@@ -6,11 +6,19 @@ one is merged, and a writer thread streams finished tensors into the shard that 
 open (headers are planned up front, so shards are written front to back). Between
 tensors the cancel hook is polled. On any failure everything this run wrote is
 removed, and ``drmerge.json``, the completeness marker, is only ever written last.
+
+Resume: each committed shard is reported (``on_shard``: name, size, sha256 and a plan
+fingerprint) and a later run given those entries as ``completed_shards`` reads them back,
+keeps the ones that verify and merges only the tensors of the other shards. Merging is
+deterministic, so a resumed output equals an uninterrupted one byte for byte (except the
+timings in ``drmerge.json``). ``should_pause`` stops between tensors like a cancel but
+keeps what was committed (``Interrupted``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import queue
@@ -23,8 +31,10 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import __version__
-from .checkpoint import DTYPES, INDEX_FILE, MAX_SMALL_FILE_BYTES, CheckpointReader, ShardWriter, index_json, shard_names
-from .errors import Cancelled, MergeError
+from .adapters import AdapterReader, is_adapter_dir, merge_with_adapters, plan_with_adapters
+from .checkpoint import (DTYPES, INDEX_FILE, MAX_SMALL_FILE_BYTES, CheckpointReader, ShardWriter, index_json,
+                         shard_header, shard_names)
+from .errors import Cancelled, Interrupted, MergeError
 from .methods import COPY, MATRIX, merged_delta
 from .methods.elementwise import is_elementwise, merge_elementwise
 from .plan import Plan, TensorPlan, build_plan
@@ -39,6 +49,7 @@ PREFETCH = 2  # tensors read ahead of the one being merged
 # ahead whole but read chunk by chunk as it is merged (LazyTensor).
 LAZY_INPUT_BYTES = 256 * 2**20
 COMPUTE_DTYPE = torch.float32
+VERIFY_CHUNK = 16 * 1024 * 1024  # read-back size when verifying a kept shard
 
 
 @dataclass
@@ -61,6 +72,7 @@ class MergeResult:
     timings: dict
     warnings: list[str] = field(default_factory=list)
     device: str = "cpu"
+    resumed: dict | None = None  # {"shards_kept", "tensors_skipped"} when a run resumed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,17 +99,26 @@ class Inputs:
         self.spec = spec
         self.storages: list[Storage] = []
         self.base = self._open(spec.base_model, s3_options) if spec.base_model else None
-        self.models = [self._open(m.model, s3_options) for m in spec.models]
+        self.models = [self._open(m.model, s3_options, i) for i, m in enumerate(spec.models)]
         uris = [m.model for m in spec.models]
-        reference = self.base or self.models[0]
-        self.reference = reference
-        self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
-                                     uris if self.base else uris[1:])
+        self.adapters = [m for m in self.models if isinstance(m, AdapterReader)]
+        if self.adapters or spec.output_format == "adapter":  # LoRA inputs: see adapters.py
+            self.reference, self.plan = plan_with_adapters(spec, self.base, self.models, uris)
+        else:
+            reference = self.base or self.models[0]
+            self.reference = reference
+            self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
+                                         uris if self.base else uris[1:])
         self.weights = torch.tensor([m.weight for m in spec.models], dtype=COMPUTE_DTYPE)
 
-    def _open(self, uri: str, s3_options) -> CheckpointReader:
+    def _open(self, uri: str, s3_options, index: int | None = None) -> CheckpointReader | AdapterReader:
         storage = open_storage(uri, s3_options)
         self.storages.append(storage)
+        if is_adapter_dir(storage):
+            if index is None:
+                raise MergeError("invalid_spec", f"base_model {uri} is a LoRA adapter (it holds adapter_config.json); "
+                                 "the base must be a full checkpoint", param="base_model")
+            return AdapterReader(storage, f"models[{index}] ({uri})", param=f"models[{index}].model")
         return CheckpointReader(storage)
 
     def read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -111,7 +132,7 @@ class Inputs:
 
     def nbytes(self, name: str) -> int:
         readers = ([self.base] if self.base else []) + self.models
-        return sum(r.tensors[name].length for r in readers)
+        return sum(r.nbytes(name) if isinstance(r, AdapterReader) else r.tensors[name].length for r in readers)
 
     def close(self) -> None:
         for s in self.storages:
@@ -168,6 +189,8 @@ def merge_one(inputs: Inputs, tp: TensorPlan, base: torch.Tensor | None, tensors
     out_dtype = DTYPES[tp.out.dtype][0]
     if tp.kind == COPY:
         return (base if base is not None else tensors[0]).to(out_dtype)
+    if inputs.adapters:  # some task deltas are LoRA factors (or absent): adapters.py
+        return merge_with_adapters(inputs, tp, base, tensors, device).to(dtype=out_dtype).cpu()
     if is_elementwise(spec.method, tp.kind, MATRIX):
         def check(b, stack):
             _check_finite(spec, tp.name, b, stack)
@@ -200,7 +223,7 @@ def merged_tensors(inputs: Inputs, names: Iterable[str], device: torch.device,
     try:
         def submit(i: int) -> None:
             tp = order[i]
-            if tp.kind != COPY and is_elementwise(inputs.spec.method, tp.kind, MATRIX) \
+            if tp.kind != COPY and not inputs.adapters and is_elementwise(inputs.spec.method, tp.kind, MATRIX) \
                     and inputs.nbytes(tp.name) > LAZY_INPUT_BYTES:
                 pending.append(pool.submit(inputs.lazy, tp.name))
             else:
@@ -232,11 +255,14 @@ def merged_tensors(inputs: Inputs, names: Iterable[str], device: torch.device,
 class _BackgroundWriter:
     """Writes merged tensors into planned shards on its own thread (bounded queue)."""
 
-    def __init__(self, storage: Storage, plan: Plan, on_bytes: Callable[[int], None]):
+    def __init__(self, storage: Storage, plan: Plan, on_bytes: Callable[[int], None],
+                 skip: frozenset[int] | set[int] = frozenset(), on_commit: Callable[[int, dict], None] | None = None):
         self.storage = storage
         self.names = shard_names(len(plan.shards))
         self.shards = plan.shards
-        self.files: list[dict] = []
+        self.skip = skip  # shard indexes kept from an earlier run: their tensors never arrive
+        self.on_commit = on_commit
+        self.files: dict[int, dict] = {}  # shard index -> {name, size, sha256}
         self.written: list[str] = []  # committed objects, for cleanup on failure
         self.on_bytes = on_bytes
         self.q: queue.Queue = queue.Queue(maxsize=2)
@@ -256,13 +282,17 @@ class _BackgroundWriter:
                 t0 = time.perf_counter()
                 name, tensor = item
                 if current is None:
+                    while shard in self.skip:
+                        shard += 1
                     current = ShardWriter(self.storage, self.names[shard], self.shards[shard])
                 before = current.size
                 current.add(name, tensor)
                 self.on_bytes(current.size - before)
                 if current.full:
-                    self.files.append(current.commit())
+                    self.files[shard] = current.commit()
                     self.written.append(current.name)
+                    if self.on_commit is not None:
+                        self.on_commit(shard, self.files[shard])
                     current, shard = None, shard + 1
                 self.busy_s += time.perf_counter() - t0
         except BaseException as e:  # handed to the main thread by put()/finish()
@@ -293,9 +323,136 @@ def _preflight_output(spec: MergeSpec, out: Storage) -> None:
                          "choose another output or set overwrite", param="output")
 
 
+def plan_fingerprint(spec: MergeSpec, inputs: Inputs) -> str:
+    """What a kept shard's bytes depend on: the spec (less ``overwrite``), the plan and
+    where every input tensor lives. A journal entry from another fingerprint is ignored."""
+    h = hashlib.sha256()
+    s = spec.to_dict()
+    s.pop("overwrite", None)
+    h.update(json.dumps(s, sort_keys=True).encode())
+    for tp in inputs.plan.tensors:
+        h.update(json.dumps([tp.name, tp.kind, tp.out.dtype, list(tp.out.shape)]).encode())
+    h.update(json.dumps([[t.name for t in shard] for shard in inputs.plan.shards]).encode())
+    for reader in ([inputs.base] if inputs.base else []) + inputs.models:
+        for name, info in sorted(getattr(reader, "tensors", {}).items()):
+            h.update(json.dumps([name, info.file, info.start, info.length, info.dtype]).encode())
+        if isinstance(reader, AdapterReader):  # its factors' locations and its config (scaling)
+            h.update(reader.fingerprint().encode())
+    return h.hexdigest()
+
+
+def _object_sha256(out: Storage, name: str, size: int) -> str:
+    sha = hashlib.sha256()
+    for off in range(0, size, VERIFY_CHUNK):
+        sha.update(out.read_range(name, off, min(VERIFY_CHUNK, size - off)))
+    return sha.hexdigest()
+
+
+def _verified(out: Storage, name: str, size: int, sha256: str) -> str | None:
+    """None if the object holds exactly ``size`` bytes hashing to ``sha256``, else why not."""
+    try:
+        got = out.size(name)
+        if got != size:
+            return f"it is {got} bytes, {size} were recorded"
+        if _object_sha256(out, name, size) != sha256:
+            return "its sha256 differs from the recorded one"
+    except MergeError as e:
+        return e.message
+    return None
+
+
+def _kept_shards(out: Storage, plan: Plan, names: list[str], completed: list[dict], fingerprint: str,
+                 warnings: list[str]) -> dict[int, dict]:
+    """The recorded shards that are still exactly what this run would write: shard index
+    -> {name, size, sha256}. Each is read back in full (size and sha256)."""
+    by_name = {e.get("name"): e for e in completed if isinstance(e, dict)}
+    kept: dict[int, dict] = {}
+    for i, (name, shard) in enumerate(zip(names, plan.shards)):
+        entry = by_name.get(name)
+        if entry is None:
+            continue
+        if entry.get("plan") != fingerprint:
+            warnings.append(f"{name}: recorded by a run with other inputs or settings; rewriting it")
+            continue
+        size = len(shard_header(shard)) + sum(t.nbytes for t in shard)
+        if entry.get("size") != size:
+            warnings.append(f"{name}: recorded size {entry.get('size')} does not match the plan's {size}; rewriting it")
+            continue
+        why = _verified(out, name, size, str(entry.get("sha256")))
+        if why:
+            warnings.append(f"{name} did not verify ({why}); rewriting it")
+            continue
+        kept[i] = {"name": name, "size": size, "sha256": entry["sha256"]}
+    return kept
+
+
+def _finished_output(spec: MergeSpec, out: Storage, dev) -> MergeResult | None:
+    """A resumed run whose predecessor got as far as ``drmerge.json`` (and died before
+    anyone heard of it): if that marker is for this very spec and every file it lists
+    verifies, the merge is done."""
+    try:
+        if not out.exists(MARKER) or out.size(MARKER) > MAX_SMALL_FILE_BYTES:
+            return None
+        marker = json.loads(out.read_bytes(MARKER))
+    except (MergeError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(marker, dict) or marker.get("spec") != json.loads(json.dumps(spec.to_dict())):
+        return None
+    files = marker.get("files") or []
+    for f in files:
+        if not isinstance(f, dict) or _verified(out, str(f.get("name")), f.get("size"), str(f.get("sha256"))):
+            return None
+    timings = marker.get("timings") or {}
+    return MergeResult(output=spec.output, files=files, tensors=int(marker.get("tensors") or 0), bytes_read=0,
+                       bytes_written=0, seconds=float(timings.get("total_s") or 0.0), timings=timings,
+                       warnings=list(marker.get("warnings") or []), device=str(marker.get("device") or dev),
+                       resumed={"shards_kept": len(files), "tensors_skipped": int(marker.get("tensors") or 0)})
+
+
+def discard_partial_output(spec: MergeSpec, shards: list[dict], s3_options: dict | None = None) -> list[str]:
+    """Remove what an abandoned run left in its output (a job that ended without its
+    worker): the shards it recorded, its index and its pending uploads. A complete merge
+    (``drmerge.json`` present) is left alone. Returns the names removed."""
+    out = open_storage(spec.output, s3_options)
+    try:
+        if out.exists(MARKER):
+            return []
+        out.abort_stale_writes()
+        removed = []
+        for name in [e.get("name") for e in shards if isinstance(e, dict)] + [INDEX_FILE]:
+            if isinstance(name, str) and name and "/" not in name and out.exists(name):
+                out.delete(name)
+                removed.append(name)
+        _remove_empty_local_dir(out)
+        return removed
+    finally:
+        out.close()
+
+
 def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | None = None,
-              should_cancel: CancelFn | None = None, s3_options: dict | None = None) -> MergeResult:
-    """Merge ``spec`` end to end and return what was written. Raises ``MergeError``."""
+              should_cancel: CancelFn | None = None, s3_options: dict | None = None,
+              completed_shards: list[dict] | None = None, on_shard: Callable[[dict], None] | None = None,
+              should_pause: CancelFn | None = None, owns_output: CancelFn | None = None) -> MergeResult:
+    """Merge ``spec`` end to end and return what was written. Raises ``MergeError``.
+
+    ``completed_shards`` (a list, even empty) makes this a resumed run: unfinished uploads
+    left in the output are aborted, recorded shards that verify are kept and their tensors
+    skipped, and an output already complete for this spec is returned as it is.
+    ``on_shard(entry)`` is called (on the writer thread) after each shard is committed.
+    ``should_pause()`` is polled between tensors; when true the run stops, keeps its
+    committed shards and raises ``Interrupted`` (also raised, instead of cleaning up, if a
+    failure happens while a pause is requested: the output may belong to a newer run).
+    ``owns_output()`` is asked once before a failed run deletes what it wrote: false (or
+    an exception) keeps everything and raises ``Interrupted``. The service answers it from
+    the job record, so a worker that lost its job to a newer attempt never deletes shards
+    that attempt has verified and kept.
+    """
+    if spec.output_format == "adapter":  # a PEFT adapter instead of a checkpoint: adapter_output.py
+        from .adapter_output import run_adapter_merge
+
+        return run_adapter_merge(spec, device=device, progress=progress, should_cancel=should_cancel,
+                                 s3_options=s3_options, completed_shards=completed_shards, on_shard=on_shard,
+                                 should_pause=should_pause, owns_output=owns_output)
     started = time.perf_counter()
     created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
     dev = resolve_device(device)
@@ -318,31 +475,58 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
         with lock:
             state.bytes_written += n
 
+    def check_stop() -> bool:
+        if should_cancel is not None and should_cancel():
+            return True
+        if should_pause is not None and should_pause():
+            raise Interrupted()
+        return False
+
     report("planning")
     inputs = Inputs(spec, s3_options)
     out = open_storage(spec.output, s3_options)
     writer: _BackgroundWriter | None = None
     extra_written: list[str] = []
+    kept: dict[int, dict] = {}
     timings = {"plan_s": 0.0, "read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "total_s": 0.0}
     try:
+        if completed_shards is not None:
+            done = _finished_output(spec, out, dev)
+            if done is not None:
+                report("done")
+                return done
         _preflight_output(spec, out)
         plan = inputs.plan
+        names = shard_names(len(plan.shards))
+        fingerprint = plan_fingerprint(spec, inputs)
+        if completed_shards is not None:
+            dropped = out.abort_stale_writes()
+            if dropped:
+                log.info("aborted %d unfinished upload(s) left in %s by an earlier run", dropped, out.uri)
+            kept = _kept_shards(out, plan, names, completed_shards, fingerprint, plan.warnings)
         for warning in plan.warnings:  # also logged, so a caller sees them if the merge fails later
             log.warning(warning)
         timings["plan_s"] = time.perf_counter() - started
         state.tensors_total = len(plan.tensors)
-        if spec.overwrite:
+        state.tensors_done = sum(len(plan.shards[i]) for i in kept)
+        if spec.overwrite and not kept:
             out.delete(MARKER)  # the old merge stops being "complete" before we touch it
+
+        def committed(index: int, entry: dict) -> None:
+            if on_shard is not None:
+                on_shard(dict(entry, plan=fingerprint))
+
         report("merging")
-        writer = _BackgroundWriter(out, plan, add_written)
-        for tp, merged in merged_tensors(inputs, [t.name for t in plan.tensors], dev, timings, add_read, should_cancel):
+        writer = _BackgroundWriter(out, plan, add_written, skip=frozenset(kept), on_commit=committed)
+        todo = [t.name for i, shard in enumerate(plan.shards) if i not in kept for t in shard]
+        for tp, merged in merged_tensors(inputs, todo, dev, timings, add_read, check_stop):
             writer.put(tp.name, merged)
             state.tensors_done += 1
             report()
         report("finalizing")
         t0 = time.perf_counter()
         writer.finish()
-        files = list(writer.files)
+        files = [kept.get(i) or writer.files[i] for i in range(len(plan.shards))]
         if len(plan.shards) > 1:
             data = index_json(plan.shards, writer.names)
             out.write_bytes(INDEX_FILE, data)
@@ -352,6 +536,7 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
             size = inputs.reference.storage.size(name)
             if size > MAX_SMALL_FILE_BYTES:
                 plan.warnings.append(f"{name} ({size} bytes) was not copied: larger than {MAX_SMALL_FILE_BYTES} bytes")
+                log.warning(plan.warnings[-1])
                 continue
             data = inputs.reference.storage.read_bytes(name)
             out.write_bytes(name, data)
@@ -365,7 +550,9 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
         result = MergeResult(output=spec.output, files=files, tensors=len(plan.tensors),
                              bytes_read=state.bytes_read, bytes_written=state.bytes_written,
                              seconds=seconds, timings={k: round(v, 4) for k, v in timings.items()},
-                             warnings=list(plan.warnings), device=str(dev))
+                             warnings=list(plan.warnings), device=str(dev),
+                             resumed={"shards_kept": len(kept), "tensors_skipped": len(plan.tensors) - len(todo)}
+                             if completed_shards is not None else None)
         marker = {"spec": spec.to_dict(), "engine": {"name": "drmerge", "version": __version__},
                   "created_at": created_at, "device": str(dev), "files": files,
                   "tensors": len(plan.tensors), "timings": result.timings, "warnings": result.warnings}
@@ -375,12 +562,28 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
     except BaseException as e:
         if writer is not None:
             try:
-                writer.finish()
+                writer.finish()  # aborts the shard in progress
             except BaseException:
                 pass
-            for name in writer.written:
-                out.delete(name)
-        for name in extra_written:
+        paused = isinstance(e, Interrupted)
+        if not paused and not isinstance(e, Cancelled) and should_pause is not None:
+            try:
+                paused = bool(should_pause())
+            except Exception:
+                pass
+        if not paused and owns_output is not None:
+            try:
+                paused = not owns_output()
+            except Exception:
+                paused = True  # cannot tell: deleting might destroy a newer run's shards
+        if paused:  # keep committed shards: a resumed run (maybe already started) uses them
+            n_kept = len(kept) + len(writer.written if writer else ())
+            if isinstance(e, Interrupted):
+                e.kept = n_kept  # the writer may have committed more since it was raised
+                raise
+            raise Interrupted(f"the merge stopped while a pause was requested ({e}); committed shards kept",
+                              kept=n_kept) from e
+        for name in (writer.written if writer is not None else []) + [k["name"] for k in kept.values()] + extra_written:
             out.delete(name)
         _remove_empty_local_dir(out)
         if isinstance(e, MergeError):
@@ -402,7 +605,8 @@ def _file_entry(name: str, data: bytes) -> dict:
 def _remove_stale_weights(out: Storage, keep: set[str]) -> None:
     """After an overwrite, drop weight files of the previous merge that the new one lacks."""
     for name in out.list_files():
-        if name not in keep and (name.startswith("model") and name.endswith(".safetensors") or name == INDEX_FILE):
+        if name not in keep and (name.startswith("model") and name.endswith(".safetensors") or name == INDEX_FILE
+                                 or name.startswith("adapter_")):  # a previous adapter output (adapter_output.py)
             out.delete(name)
 
 

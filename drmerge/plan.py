@@ -7,8 +7,10 @@ and the output shard layout. A bad input is therefore refused before anything is
 
 from __future__ import annotations
 
-import re
+import time
 from dataclasses import dataclass
+
+import regex
 
 from .checkpoint import CODE_OF, CheckpointReader, OutTensor, TensorInfo, plan_shards
 from .errors import MergeError
@@ -16,6 +18,15 @@ from .methods import COPY, MATRIX, VECTOR
 from .spec import MergeSpec, Select
 
 MAX_LISTED = 5
+# Select patterns come from users and run against tensor names from files: a pattern with
+# catastrophic backtracking (``(.*){1,32000}[bc]``) would hold a worker for hours. The
+# ``regex`` engine can stop a match after a timeout (``re`` cannot be interrupted), so each
+# match gets MATCH_TIMEOUT_S and one plan's matching at most SELECT_BUDGET_S in total; a
+# pattern that runs out is refused as ``invalid_spec``. (Refusing nested quantifiers up
+# front would also refuse harmless patterns like ``(layers\.\d+\.)*weight`` and still miss
+# others such as ``(a|aa)*``; a time bound is exact.)
+MATCH_TIMEOUT_S = 0.5
+SELECT_BUDGET_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -36,16 +47,35 @@ class Plan:
 
 
 class Selector:
-    """``select`` rules compiled once; patterns match whole names (``re.fullmatch``)."""
+    """``select`` rules compiled once; patterns match whole names (``fullmatch``), each
+    match bounded in time (see MATCH_TIMEOUT_S)."""
 
     def __init__(self, select: Select):
-        self.linear = [re.compile(p) for p in select.linear]
-        self.exclude = [re.compile(p) for p in select.exclude]
-        self.ignore = [re.compile(p) for p in select.ignore]
+        self.linear = [("linear", i, regex.compile(p)) for i, p in enumerate(select.linear)]
+        self.exclude = [("exclude", i, regex.compile(p)) for i, p in enumerate(select.exclude)]
+        self.ignore = [("ignore", i, regex.compile(p)) for i, p in enumerate(select.ignore)]
+        self.spent = 0.0
 
-    @staticmethod
-    def _any(patterns, name: str) -> bool:
-        return any(p.fullmatch(name) for p in patterns)
+    def _any(self, patterns, name: str) -> bool:
+        for which, i, p in patterns:
+            left = SELECT_BUDGET_S - self.spent
+            t0 = time.monotonic()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                hit = p.fullmatch(name, timeout=min(MATCH_TIMEOUT_S, left))
+            except TimeoutError:
+                raise MergeError(
+                    "invalid_spec",
+                    f"select.{which}[{i}] {p.pattern[:80]!r} takes too long to match tensor names "
+                    f"(over {MATCH_TIMEOUT_S}s for {name[:80]!r}, or {SELECT_BUDGET_S:g}s in all): it backtracks "
+                    "catastrophically; use a simpler pattern (avoid nested or overlapping repetition)",
+                    param=f"select.{which}[{i}]") from None
+            finally:
+                self.spent += time.monotonic() - t0
+            if hit:
+                return True
+        return False
 
     def kind(self, info: TensorInfo) -> str:
         if not info.is_float or self._any(self.ignore, info.name):

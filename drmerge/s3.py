@@ -361,6 +361,29 @@ class S3Storage(Storage):
         except Exception as e:
             raise self._error(e, self.describe(name), "delete") from None
 
+    def abort_stale_writes(self) -> int:
+        """Abort the multipart uploads pending directly under this prefix: what a worker
+        killed in the middle of a shard leaves behind (invisible, but billed, until a
+        lifecycle rule reclaims it). Best effort: a failure is logged, not raised."""
+        aborted = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix)
+            for page in pages:
+                for upload in page.get("Uploads", ()):
+                    name = upload["Key"][len(self.prefix):]
+                    if not name or "/" in name:
+                        continue  # a deeper "directory" is not ours
+                    try:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                           UploadId=upload["UploadId"])
+                        aborted += 1
+                    except bce.ClientError as e:
+                        if _code(e) != "NoSuchUpload":
+                            raise
+        except Exception as e:
+            log.warning("could not abort stale uploads under %s: %s", self.uri, self._error(e, self.uri, "list uploads in"))
+        return aborted
+
     def close(self) -> None:
         with self._pool_lock:
             pool, self._pool = self._pool, None

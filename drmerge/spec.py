@@ -13,6 +13,8 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
+import regex
+
 from .errors import MergeError
 
 METHODS = ("drm", "ties", "task_arithmetic", "linear")
@@ -27,6 +29,7 @@ DEFAULT_EXCLUDE = (r".*embed.*", r".*lm_head.*", r".*wte.*", r".*wpe.*", r"(.*\.
 
 MAX_MODELS = 256
 MAX_PATTERN_LENGTH = 512
+MAX_PATTERN_SIZE = 100_000  # counted repeats unrolled (see _expanded_size)
 MAX_PATTERNS = 64
 MAX_URI_LENGTH = 2048
 DEFAULT_SHARD_SIZE = 5 * 1000**3
@@ -156,11 +159,58 @@ def _patterns(value, param: str) -> tuple[str, ...]:
         if not isinstance(p, str) or len(p) > MAX_PATTERN_LENGTH:
             _fail(f"{param}[{i}]", f"must be a regular expression of at most {MAX_PATTERN_LENGTH} characters")
         try:
-            re.compile(p)
-        except re.error as e:
+            re.compile(p)  # the syntax is Python's re
+        except (re.error, ValueError, OverflowError, RecursionError) as e:
+            _fail(f"{param}[{i}]", f"is not a valid regular expression: {e}")
+        size = _expanded_size(p)
+        if size > MAX_PATTERN_SIZE:
+            _fail(f"{param}[{i}]", f"repeats too much: counted repetitions expand to about {size} elements "
+                  f"(at most {MAX_PATTERN_SIZE}); use + or * instead of large nested {{m,n}} counts")
+        try:
+            regex.compile(p)  # what the engine matches with (plan.py: time-bounded matching)
+        except (regex.error, ValueError, OverflowError, RecursionError) as e:
             _fail(f"{param}[{i}]", f"is not a valid regular expression: {e}")
         out.append(p)
     return tuple(out)
+
+
+def _expanded_size(pattern: str) -> int:
+    """How big a pattern gets once counted repeats are unrolled (``(?:a{99}){99}`` ->
+    9801). The regex engine unrolls them when compiling, so nested counts are a compile
+    time bomb (``(?:(?:(?:a{99}){99}){99}){99}`` runs for minutes) although ``re`` parses
+    them at once. 0 if the parser is unavailable."""
+    try:
+        from re import _constants as C, _parser
+    except ImportError:  # pragma: no cover - a future Python without these
+        return 0
+    repeats = {C.MAX_REPEAT, C.MIN_REPEAT, getattr(C, "POSSESSIVE_REPEAT", C.MAX_REPEAT)}
+
+    def size(items) -> int:
+        total = 0
+        for op, av in items:
+            if op in repeats:
+                lo, hi, sub = av
+                total += (hi if hi != C.MAXREPEAT else max(lo, 1)) * size(sub)
+            elif op is C.BRANCH:
+                total += sum(size(alt) for alt in av[1])
+            elif op is C.SUBPATTERN:
+                total += size(av[-1])
+            elif op in (C.ASSERT, C.ASSERT_NOT):
+                total += size(av[1])
+            elif op is C.ATOMIC_GROUP:
+                total += size(av)
+            elif op is C.GROUPREF_EXISTS:
+                total += size(av[1]) + (size(av[2]) if av[2] else 0)
+            else:
+                total += 1
+            if total > 10 * MAX_PATTERN_SIZE:  # enough to refuse; stop multiplying
+                return total
+        return total
+
+    try:
+        return size(_parser.parse(pattern))
+    except Exception:
+        return 0
 
 
 def parse_size(value, param: str = "shard_size") -> int:
@@ -238,8 +288,9 @@ def parse_spec(data, base_dir: str | None = None) -> MergeSpec:
     kw["method"] = _choice(data.get("method", "drm"), METHODS, "method")
     if data.get("base_model") is not None:
         kw["base_model"] = _uri(data["base_model"], "base_model", base_dir)
-    elif kw["method"] != "linear":
-        _fail("base_model", f"is required for method {kw['method']!r} (only 'linear' merges without a base)")
+    elif kw["method"] != "linear" and data.get("output_format") != "adapter":
+        _fail("base_model", f"is required for method {kw['method']!r} (only 'linear' merges, and merges of "
+              "LoRA adapters into an adapter, work without a base)")
     if "parameters" in data:
         kw["parameters"] = _parameters(data["parameters"] if data["parameters"] is not None else {})
     if "select" in data:
@@ -258,6 +309,8 @@ def parse_spec(data, base_dir: str | None = None) -> MergeSpec:
         r = data["adapter_rank"]
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 65536:
             _fail("adapter_rank", f"must be an integer in [1, 65536], got {r!r}")
+        if kw.get("output_format", "full") != "adapter":
+            _fail("adapter_rank", "only applies with output_format: adapter")
         kw["adapter_rank"] = r
     spec = MergeSpec(**kw)
     inputs = spec.uris()[:-1]

@@ -71,6 +71,13 @@ class Storage(ABC):
     def delete(self, name: str) -> None:
         """Remove an object; a missing one is not an error."""
 
+    def abort_stale_writes(self) -> int:
+        """Drop unfinished writes a crashed run left directly in this directory (S3:
+        pending multipart uploads; local: hidden temp files). Only safe when no other
+        writer is active here: the service guarantees that with its output reservation.
+        Returns how many were dropped."""
+        return 0
+
     def close(self) -> None:
         """Release cached handles or connections."""
 
@@ -139,6 +146,16 @@ class LocalStorage(Storage):
             os.unlink(self._p(name))
         except FileNotFoundError:
             pass
+
+    def abort_stale_writes(self) -> int:
+        if not os.path.isdir(self.path):
+            return 0
+        dropped = 0
+        for e in os.scandir(self.path):
+            if e.is_file() and e.name.startswith(".") and e.name.endswith(".partial"):
+                self.delete(e.name)
+                dropped += 1
+        return dropped
 
     def close(self) -> None:
         with self._lock:

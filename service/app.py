@@ -1,8 +1,9 @@
 """The FastAPI application: ``uvicorn service.app:app`` or ``drmerge api``.
 
 ``create_app`` wires one app to one Redis (job store), one Celery client (to enqueue by
-task name: no torch here) and one metrics registry; a webhook delivery loop runs in the
-background unless disabled.
+task name: no torch here) and one metrics registry; a webhook delivery loop and the
+reaper (service/reaper.py: jobs whose worker vanished) run in the background unless
+disabled.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .jobstore import JobStore
 from .keys import AsyncKeyLookup
 from .limits import BodyLimitMiddleware
 from .metrics import RedisCollector
+from .reaper import Reaper
 from .routes import health, merges
 from .settings import Settings, get_settings
 from .webhooks import WebhookDeliverer
@@ -46,9 +48,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deliverer = None
         if settings.api_deliver_webhooks:
             deliverer = WebhookDeliverer(store, settings).start()
+        reaper = Reaper(store, settings, lambda job_id: app.state.celery.send_task(
+            merges.MERGE_TASK, args=[job_id], queue=settings.queue)).start()
         try:
             yield
         finally:
+            reaper.stop()
             if deliverer is not None:
                 deliverer.stop()
             if key_lookup is not None:

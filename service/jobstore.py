@@ -25,6 +25,16 @@ Redis layout (``{p}`` is ``settings.key_prefix``)::
     {p}:worker:{name}     hash    what that worker said about itself (expires)
     {p}:stats             hash    byte counters and the job duration histogram
     {p}:cancel            channel job ids whose cancel was requested (workers listen)
+    {p}:reaper            string  lease: which process sweeps for stale jobs right now
+
+Reliability fields of a job hash (service/reaper.py, worker/runner.py):
+``heartbeat_at`` (Redis server time of the owning attempt's last heartbeat: the reaper
+judges staleness against Redis's own clock, so host clock skew does not matter),
+``shards`` (JSON list of output shards committed so far, ``{name, size, sha256, plan}``:
+a restarted attempt verifies and keeps them), ``handoffs`` (times a worker gave the job
+back on shutdown: not failures, so they do not count against ``job_max_attempts``) and
+``cleanup`` (``pending`` when a job ended without its worker, which left partial output
+that the next worker to see the job removes).
 """
 
 from __future__ import annotations
@@ -50,10 +60,13 @@ ACTIVE = frozenset({"queued", "running", "cancelling"})
 #   queued -> failed         the job could not be enqueued, or its worker died too often;
 #   running -> running       a redelivered job whose worker died is claimed by a new worker
 #                            (attempt + 1; the old attempt is fenced off by its number);
+#   running -> queued        handed back: its worker is shutting down (SIGTERM), or it
+#                            vanished and the reaper re-queued it; the next attempt resumes
+#                            from the shards already committed;
 #   cancelling -> succeeded|failed   the merge ended before it saw the cancel.
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"running", "succeeded", "failed", "cancelling"}),
+    "running": frozenset({"running", "queued", "succeeded", "failed", "cancelling"}),
     "cancelling": frozenset({"cancelled", "succeeded", "failed"}),
     "succeeded": frozenset(),
     "failed": frozenset(),
@@ -65,7 +78,7 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 144
 
 MAX_EVENTS = 1000
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
-_JSON_FIELDS = ("spec", "metadata", "progress", "result", "error", "webhook", "webhook_state")
+_JSON_FIELDS = ("spec", "metadata", "progress", "result", "error", "webhook", "webhook_state", "shards")
 
 
 _id_lock = threading.Lock()
@@ -146,6 +159,10 @@ class StaleAttempt(JobStoreError):
     """A worker acted on a job attempt that another worker has since claimed."""
 
 
+class StillAlive(JobStoreError):
+    """The reaper meant to act on a job whose heartbeat turned out to be fresh."""
+
+
 @dataclass
 class Job:
     id: str
@@ -166,6 +183,10 @@ class Job:
     output: str | None = None
     cancel_requested_at: float | None = None
     enqueued_at: float | None = None
+    heartbeat_at: float | None = None
+    shards: list = field(default_factory=list)  # the resume journal (see the module docstring)
+    handoffs: int = 0
+    cleanup: str | None = None
     tenant: str = "default"
 
     @classmethod
@@ -185,8 +206,15 @@ class Job:
             webhook=js("webhook"), webhook_state=js("webhook_state"), attempts=int(h.get("attempts") or 0),
             worker=h.get("worker") or None, output=h.get("output") or None,
             cancel_requested_at=num("cancel_requested_at"), enqueued_at=num("enqueued_at"),
+            heartbeat_at=num("heartbeat_at"), shards=js("shards") or [], handoffs=int(h.get("handoffs") or 0),
+            cleanup=h.get("cleanup") or None,
             tenant=h.get("tenant") or "default",
         )
+
+    @property
+    def lost(self) -> int:
+        """Attempts that ended with their worker lost (killed, crashed, vanished)."""
+        return max(0, self.attempts - self.handoffs)
 
     @property
     def terminal(self) -> bool:
@@ -227,6 +255,13 @@ local ok = false
 for s in string.gmatch(ARGV[3], '%S+') do if s == cur then ok = true end end
 if not ok then return {'illegal', cur} end
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[5] then return {'stale', cur} end
+if ARGV[10] ~= '' then
+  -- the reaper's condition: act only if the owner's heartbeat is older than ARGV[10] s
+  -- by Redis's own clock (updated_at stands in until the first heartbeat)
+  local hb = tonumber(redis.call('HGET', KEYS[1], 'heartbeat_at') or redis.call('HGET', KEYS[1], 'updated_at') or '0')
+  local t = redis.call('TIME')
+  if tonumber(t[1]) + tonumber(t[2]) / 1e6 - hb < tonumber(ARGV[10]) then return {'alive', cur} end
+end
 local idx = """ + _STATUS_INDEX + """
 local fields = cjson.decode(ARGV[6])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
@@ -324,6 +359,46 @@ end
 return 1
 """
 
+# The owning attempt's heartbeat, stamped with Redis's clock. Returns 0 when the attempt no
+# longer owns the job (it was re-queued or claimed by another worker, or it ended): the
+# worker then stops without touching the output, which now belongs to someone else.
+# KEYS: 1 job. ARGV: 1 attempt
+_JOB_HEARTBEAT_LUA = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'running' and st ~= 'cancelling' then return 0 end
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'heartbeat_at', string.format('%d.%06d', t[1], t[2]))
+return 1
+"""
+
+# Append (or replace, by name) one committed output shard in the resume journal; fenced
+# like progress. KEYS: 1 job. ARGV: 1 attempt, 2 entry json
+_RECORD_SHARD_LUA = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'running' and st ~= 'cancelling' then return 0 end
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] then return 0 end
+local entry = cjson.decode(ARGV[2])
+local raw = redis.call('HGET', KEYS[1], 'shards')
+local list = {}
+if raw and raw ~= '' then list = cjson.decode(raw) end
+local out = {}
+for _, e in ipairs(list) do if e['name'] ~= entry['name'] then table.insert(out, e) end end
+table.insert(out, entry)
+redis.call('HSET', KEYS[1], 'shards', cjson.encode(out))
+return 1
+"""
+
+# A queued job whose message is not known to be sent: mark it sent (the caller then sends
+# it), so that two processes never both re-send one job. KEYS: 1 job. ARGV: 1 now
+_CLAIM_ENQUEUE_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+local at = redis.call('HGET', KEYS[1], 'enqueued_at')
+if at and at ~= '' then return 0 end
+redis.call('HSET', KEYS[1], 'enqueued_at', ARGV[1])
+return 1
+"""
+
 # KEYS: 1 job, 2 events. ARGV: 1 event json, 2 max events
 _EVENT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -361,6 +436,9 @@ class JobStore:
         self._progress = client.register_script(_PROGRESS_LUA)
         self._event_script = client.register_script(_EVENT_LUA)
         self._claim_webhook = client.register_script(_CLAIM_WEBHOOK_LUA)
+        self._job_heartbeat = client.register_script(_JOB_HEARTBEAT_LUA)
+        self._record_shard = client.register_script(_RECORD_SHARD_LUA)
+        self._claim_enqueue = client.register_script(_CLAIM_ENQUEUE_LUA)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "drmerge", **kw) -> "JobStore":
@@ -529,14 +607,20 @@ class JobStore:
     def mark_enqueued(self, job_id: str) -> None:
         self.r.hset(self.k_job(job_id), "enqueued_at", repr(time.time()))
 
+    def claim_enqueue(self, job_id: str) -> bool:
+        """True if the caller is the one to (re)send this queued job's message."""
+        return bool(self._claim_enqueue(keys=[self.k_job(job_id)], args=[repr(time.time())]))
+
     # --- state machine ------------------------------------------------------------------
     def transition(self, job_id: str, to: str, *, from_: set[str] | frozenset[str] | None = None,
                    fields: dict | None = None, message: str | None = None, attempt: int | None = None,
-                   now: float | None = None) -> str:
+                   now: float | None = None, stale_after: float | None = None) -> str:
         """Move a job to ``to`` if its current status allows it; returns the previous status.
 
         ``from_`` narrows the statuses the caller expects (it must name legal sources);
-        ``attempt`` fences the change to the worker attempt that owns the job.
+        ``attempt`` fences the change to the worker attempt that owns the job;
+        ``stale_after`` (the reaper's) applies it only if the job's heartbeat is at least
+        that many seconds old, checked in the same atomic step (else StillAlive).
         """
         if to not in STATUSES:
             raise ValueError(f"unknown status {to!r}")
@@ -561,7 +645,10 @@ class JobStore:
         kind, cur = self._transition(
             keys=keys,
             args=[job_id, to, " ".join(sorted(sources)), repr(now), "" if attempt is None else str(attempt),
-                  json.dumps(enc), " ".join(str(b) for b in DURATION_BUCKETS), json.dumps(ev), MAX_EVENTS])
+                  json.dumps(enc), " ".join(str(b) for b in DURATION_BUCKETS), json.dumps(ev), MAX_EVENTS,
+                  "" if stale_after is None else repr(float(stale_after))])
+        if kind == "alive":
+            raise StillAlive(f"job {job_id} has a fresh heartbeat; left alone")
         if kind == "missing":
             raise JobNotFound(job_id)
         if kind == "illegal":
@@ -611,6 +698,24 @@ class JobStore:
 
     def is_cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self.k_job(job_id), "status") in ("cancelling", "cancelled")
+
+    def job_heartbeat(self, job_id: str, attempt: int) -> bool:
+        """Stamp the attempt's heartbeat; False when the attempt no longer owns the job."""
+        return bool(self._job_heartbeat(keys=[self.k_job(job_id)], args=[str(attempt)]))
+
+    def record_shard(self, job_id: str, attempt: int, entry: dict) -> bool:
+        """Add a committed output shard to the job's resume journal (fenced by attempt)."""
+        return bool(self._record_shard(keys=[self.k_job(job_id)], args=[str(attempt), json.dumps(entry)]))
+
+    def server_time(self) -> float:
+        sec, usec = self.r.time()
+        return sec + usec / 1e6
+
+    def active_job_ids(self, statuses=("running", "cancelling")) -> list[str]:
+        pipe = self.r.pipeline(transaction=False)
+        for s in statuses:
+            pipe.zrange(self.k_index(s), 0, -1)
+        return [i for ids in pipe.execute() for i in ids]
 
     # --- workers ------------------------------------------------------------------------
     def heartbeat(self, name: str, info: dict, ttl_s: float) -> None:

@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(10.0, description="How often a worker refreshes its heartbeat in Redis.")
     worker_heartbeat_ttl_s: float = Field(30.0, description="A worker whose last heartbeat is older is not counted live.")
     progress_interval_s: float = Field(0.5, description="Least time between two progress writes of one job.")
+    job_heartbeat_timeout_s: float = Field(
+        120.0, description="A running job whose heartbeat is older than this is re-queued (resuming from its "
+                           "committed shards), or failed with `timeout` once it has lost `job_max_attempts` workers.")
+    reaper_interval_s: float = Field(
+        15.0, description="How often API and worker processes look for such jobs (one process at a time, by "
+                          "lease); 0 turns the reaper off in this process.")
+    api_shutdown_timeout_s: float = Field(
+        30.0, description="On SIGTERM the API stops accepting connections and waits this long for in-flight requests.")
     allow_local_root: str | None = Field(
         None, description="If set, specs may name local paths under this directory (the API refuses local paths otherwise).")
     idempotency_ttl_s: int = Field(86400, description="How long an `Idempotency-Key` is remembered.")

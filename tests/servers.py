@@ -32,7 +32,7 @@ from drmerge.devservers import (
 __all__ = [
     "DEV_ACCESS_KEY_ID", "DEV_REGION", "DEV_SECRET_ACCESS_KEY", "RedisServer", "SeaweedFS",
     "ServerStartError", "free_port", "free_ports", "start_redis", "start_seaweedfs",
-    "BucketSupply", "DroppingProxy", "empty_and_delete_bucket",
+    "BucketSupply", "DroppingProxy", "FaultyS3Proxy", "empty_and_delete_bucket",
 ]
 
 _METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ")
@@ -198,3 +198,158 @@ def empty_and_delete_bucket(client, bucket: str) -> None:
         if keys:
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
     client.delete_bucket(Bucket=bucket)
+
+
+class FaultyS3Proxy:
+    """An HTTP proxy in front of a real S3 server that misbehaves on purpose, per request.
+
+    Rules, checked in the order added, match on method, path and query (``match(method,
+    path, query) -> bool``) and act on the first ``count`` matching requests (None: all):
+
+    - ``fail(status, code)``: answer with an S3 error (``503 SlowDown``, ``500
+      InternalError``, ``403 AccessDenied``) without forwarding the request;
+    - ``drop``: read the request, then close the connection without an answer;
+    - ``cut``: forward, then close the connection halfway through the response body;
+    - ``hold``: keep the request waiting (not forwarded) until ``release()``, then drop
+      it: a client stuck on a slow server, whatever happens to the client meanwhile.
+
+    Every request is recorded in ``log`` as (method, path, query, what happened).
+    Headers are forwarded untouched, so SigV4 signatures made for the proxy's address stay
+    valid upstream (as with ``DroppingProxy``).
+    """
+
+    def __init__(self, upstream_url: str):
+        import http.server
+
+        parts = urlsplit(upstream_url)
+        self.upstream = (parts.hostname, parts.port)
+        self._lock = threading.Lock()
+        self.rules: list[dict] = []
+        self.log: list[tuple[str, str, str, str]] = []
+        self.held = threading.Event()  # set when a request is being held
+        self._release = threading.Event()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _any(self):
+                proxy._handle(self)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="faulty-s3", daemon=True)
+        self._thread.start()
+
+    # -- rules ----------------------------------------------------------------------------
+    def add(self, action: str, match, count: int | None = None, status: int = 503, code: str = "SlowDown") -> dict:
+        rule = {"action": action, "match": match, "left": count, "status": status, "code": code, "hits": 0}
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        """Forget every rule and the request log."""
+        with self._lock:
+            self.rules.clear()
+            self.log.clear()
+
+    def release(self) -> None:
+        self._release.set()
+
+    def writes(self) -> list[tuple[str, str, str, str]]:
+        return [e for e in self.log if e[0] in ("PUT", "POST", "DELETE")]
+
+    def _pick(self, method: str, path: str, query: str) -> dict | None:
+        with self._lock:
+            for rule in self.rules:
+                if rule["left"] == 0 or not rule["match"](method, path, query):
+                    continue
+                if rule["left"] is not None:
+                    rule["left"] -= 1
+                rule["hits"] += 1
+                return rule
+        return None
+
+    # -- one request ----------------------------------------------------------------------
+    def _handle(self, h) -> None:
+        import http.client
+
+        method = h.command
+        path, _, query = h.path.partition("?")
+        length = int(h.headers.get("Content-Length") or 0)
+        if h.headers.get("Transfer-Encoding"):
+            raise RuntimeError("chunked request bodies are not supported by FaultyS3Proxy")
+        body = h.rfile.read(length) if length else b""
+        rule = self._pick(method, path, query)
+        action = rule["action"] if rule else "forward"
+        self.log.append((method, path, query, action))
+        if action == "hold":
+            self.held.set()
+            self._release.wait(120)
+            action = "drop"
+        if action == "drop":
+            h.close_connection = True
+            return
+        if action == "fail":
+            xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{rule["code"]}</Code>'
+                   f'<Message>injected by FaultyS3Proxy</Message><RequestId>faulty</RequestId></Error>').encode()
+            h.send_response_only(rule["status"])
+            h.send_header("Content-Type", "application/xml")
+            h.send_header("Content-Length", "0" if method == "HEAD" else str(len(xml)))
+            h.end_headers()
+            if method != "HEAD":
+                h.wfile.write(xml)
+            return
+        conn = http.client.HTTPConnection(*self.upstream, timeout=120)
+        try:
+            conn.putrequest(method, h.path, skip_host=True, skip_accept_encoding=True)
+            for k, v in h.headers.items():
+                if k.lower() not in ("expect", "connection", "keep-alive", "content-length"):
+                    conn.putheader(k, v)
+            if body or method in ("PUT", "POST"):
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            data = resp.read()
+        except OSError:
+            h.close_connection = True
+            return
+        finally:
+            conn.close()
+        h.send_response_only(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() in ("transfer-encoding", "connection", "keep-alive"):
+                continue
+            if k.lower() == "content-length" and method != "HEAD":
+                continue
+            h.send_header(k, v)
+        if method != "HEAD":
+            h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if method == "HEAD":
+            return
+        if action == "cut" and len(data) > 1:
+            h.wfile.write(data[: len(data) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            return
+        h.wfile.write(data)
+
+    def stop(self) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

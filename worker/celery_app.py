@@ -11,7 +11,15 @@ Why these settings:
 - the broker's ``visibility_timeout`` is above the longest allowed job, or Redis would
   hand a still-running merge to a second worker;
 - a hard time limit a little above ``job_time_limit_s``: the task enforces the limit
-  itself between tensors (and cleans up); the hard limit only catches a hung worker.
+  itself between tensors (and cleans up); the hard limit only catches a hung worker
+  (the threads pool cannot enforce it; the runner's watchdog does);
+- a merge is not cancelled when the broker connection drops (a Redis restart): it keeps
+  running and records its outcome in the job store once Redis is back. Its late ack may
+  be lost with the old connection; the redelivery hours later finds the job over and is
+  dropped.
+
+A SIGKILLed worker's message is not what brings its job back (that takes the visibility
+timeout): the job's heartbeat stops and the reaper (service/reaper.py) re-queues it.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_max_tasks_per_child=None,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_time_limit=s.job_time_limit_s + HARD_LIMIT_GRACE_S,
         broker_connection_retry_on_startup=True,
         broker_transport_options={

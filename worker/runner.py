@@ -10,7 +10,17 @@ Kept apart from Celery so the rules read in one place (and so tests can drive it
 - progress goes to Redis at most every ``progress_interval_s`` (stage changes at once);
 - cancellation arrives by Redis pub/sub (with a status poll as a fallback) and the engine
   polls it between tensors; the time limit is enforced the same way, and a watchdog ends
-  the process if the engine is stuck inside one tensor far past the limit.
+  the process if the engine is stuck inside one tensor far past the limit;
+- the owning attempt stamps a heartbeat in the job record (``heartbeat_job``, from the
+  worker's heartbeat thread); the reaper (service/reaper.py) re-queues a job whose
+  heartbeat stops. A heartbeat that finds the job owned by someone else (re-queued,
+  reclaimed, ended) makes this attempt stop at the next tensor without touching the
+  output, which now belongs to the newer attempt;
+- every committed output shard goes into the job's resume journal; a later attempt
+  verifies those shards and merges only the rest;
+- on worker shutdown (SIGTERM) the engine stops at the next tensor, keeps its committed
+  shards, and the job goes back to the queue (``running -> queued``, a fresh message):
+  a hand-off, which does not count as a lost attempt.
 """
 
 from __future__ import annotations
@@ -149,13 +159,28 @@ class _WarningsToEvents(logging.Handler):
 
 class JobRunner:
     def __init__(self, store: JobStore, settings, worker_name: str, device: str | None = None,
-                 run_merge=None):
+                 run_merge=None, enqueue=None):
         self.store = store
         self.settings = settings
         self.worker_name = worker_name
         self.device = device or settings.worker_device
         self._run_merge = run_merge  # injectable engine entry point; default drmerge.pipeline.run_merge
+        self.enqueue = enqueue  # job_id -> None: publish a merge message (hand-backs); None: leave it to the reaper
         self.current_job: str | None = None
+        self.current_attempt: int | None = None
+        self.shutting_down = threading.Event()  # set by the worker's SIGTERM hook
+        self._lost = threading.Event()  # the current attempt no longer owns its job
+
+    def heartbeat_job(self) -> None:
+        """Stamp the running job's heartbeat (called by the worker's heartbeat thread)."""
+        job_id, attempt = self.current_job, self.current_attempt
+        if job_id is None or attempt is None:
+            return
+        if not self.store.job_heartbeat(job_id, attempt) and self.current_job == job_id:
+            if not self._lost.is_set():
+                log.warning("job %s: attempt %s no longer owns the job (re-queued or taken over); stopping it",
+                            job_id, attempt)
+            self._lost.set()
 
     # --- claiming ----------------------------------------------------------------------
     def claim(self, job_id: str) -> int | None:
@@ -167,6 +192,8 @@ class JobRunner:
                 log.warning("job %s does not exist; dropping its message", job_id)
                 return None
             if job.terminal:
+                if job.cleanup == "pending":
+                    self._discard_output(job)
                 log.info("job %s is already %s; nothing to do", job_id, job.status)
                 return None
             if job.status == "cancelling":  # cancelled while its previous worker was lost
@@ -180,14 +207,17 @@ class JobRunner:
                 if owner and owner != self.worker_name and owner in live:
                     log.warning("job %s is running on live worker %s; dropping duplicate delivery", job_id, owner)
                     return None
-                if job.attempts >= self.settings.job_max_attempts:
-                    self._finish(job_id, "failed", attempt=job.attempts, from_={"running"},
-                                 error={"code": "internal_error", "param": None,
-                                        "message": f"the worker running this job was lost {job.attempts} times "
-                                                   "(out of memory or killed?); giving up"},
-                                 message="too many lost workers")
+                if job.lost >= self.settings.job_max_attempts:
+                    if self._finish(job_id, "failed", attempt=job.attempts, from_={"running"},
+                                    error={"code": "internal_error", "param": None,
+                                           "message": f"the worker running this job was lost {job.lost} times "
+                                                      "(out of memory or killed?); giving up"},
+                                    message="too many lost workers"):
+                        self._discard_output(self.store.require(job_id))
                     return None
                 message = f"worker {owner} was lost; restarting on {self.worker_name} (attempt {job.attempts + 1})"
+            elif job.attempts:
+                message = f"running on {self.worker_name} (attempt {job.attempts + 1}, resuming)"
             now = time.time()
             fields = {"attempts": job.attempts + 1, "worker": self.worker_name, "progress": empty_progress()}
             if job.started_at is None:
@@ -206,14 +236,19 @@ class JobRunner:
         attempt = self.claim(job_id)
         if attempt is None:
             return None
-        self.current_job = job_id
+        self._lost.clear()
+        self.current_job, self.current_attempt = job_id, attempt
+        try:
+            self.heartbeat_job()
+        except Exception as e:
+            log.warning("job %s: first heartbeat failed: %s", job_id, e)
         try:
             return self._run_claimed(job_id, attempt)
         finally:
-            self.current_job = None
+            self.current_job = self.current_attempt = None
 
-    def _run_claimed(self, job_id: str, attempt: int) -> str:
-        from drmerge.errors import MergeError
+    def _run_claimed(self, job_id: str, attempt: int) -> str | None:
+        from drmerge.errors import Interrupted, MergeError
         from drmerge.spec import parse_spec
 
         job = self.store.require(job_id)
@@ -237,13 +272,39 @@ class JobRunner:
         handler = _WarningsToEvents(self.store, job_id)
         engine_log = logging.getLogger("drmerge")
         engine_log.addHandler(handler)
+        completed = None
+        if attempt > 1:  # an earlier attempt may have committed shards: resume from them
+            completed = list(job.shards)
+            self.store.add_event(job_id, "resume", f"attempt {attempt}: {len(completed)} shard(s) recorded by "
+                                 "earlier attempts will be verified and kept", shards=len(completed))
+
+        def on_shard(entry: dict) -> None:
+            try:
+                self._with_redis_retries(lambda: self.store.record_shard(job_id, attempt, entry), budget_s=30.0)
+            except Exception as e:  # the journal is an optimisation: a lost entry means a redone shard
+                log.warning("job %s: cannot record shard %s: %s", job_id, entry.get("name"), e)
+
+        def should_pause() -> bool:
+            return self.shutting_down.is_set() or self._lost.is_set()
+
+        def owns_output() -> bool:
+            """Asked before a failed attempt deletes its output. Stamping the heartbeat
+            both checks ownership and keeps the reaper away while the deletion runs."""
+            if self.store.job_heartbeat(job_id, attempt):
+                return True
+            self._lost.set()
+            return False
+
         try:
             spec = parse_spec(job.spec)
             run_merge = self._run_merge
             if run_merge is None:
                 from drmerge.pipeline import run_merge
             result = run_merge(spec, device=self.device, progress=reporter, should_cancel=should_cancel,
-                               s3_options=self.settings.s3_options())
+                               s3_options=self.settings.s3_options(), completed_shards=completed,
+                               on_shard=on_shard, should_pause=should_pause, owns_output=owns_output)
+        except Interrupted as e:
+            return self._hand_back(job_id, attempt, reporter.flush(), e)
         except MergeError as e:
             progress = reporter.flush()
             if e.code == "cancelled" and timed_out.is_set() and not watcher.event.is_set():
@@ -270,10 +331,66 @@ class JobRunner:
             engine_log.removeHandler(handler)
         progress = dict(reporter.flush(), stage="done", fraction=1.0, eta_seconds=0.0)
         res = result.to_dict()
-        for w in res.get("warnings") or []:
-            self.store.add_event(job_id, "warning", str(w)[:2000])
+        # Engine warnings already became events through the log handler above.
+        message = "succeeded"
+        if res.get("resumed"):
+            r = res["resumed"]
+            message = (f"succeeded (resumed: {r['shards_kept']} shard(s) verified and kept, "
+                       f"{r['tensors_skipped']} tensor(s) not merged again)")
         return self._finish(job_id, "succeeded", attempt, from_={"running", "cancelling"}, progress=progress,
-                            result=res, message="succeeded")
+                            result=res, message=message)
+
+    def _hand_back(self, job_id: str, attempt: int, progress: dict, stop) -> str | None:
+        """The engine stopped on a pause request and kept its committed shards."""
+        if self._lost.is_set():
+            log.warning("job %s: attempt %s stopped; the job belongs to a newer attempt now", job_id, attempt)
+            return None
+        job = self.store.get(job_id)
+        if job is not None and job.status == "cancelling":  # cancelled meanwhile: finish that instead
+            self._discard_output(job)
+            return self._finish(job_id, "cancelled", attempt, from_={"cancelling"}, progress=progress,
+                                message="cancelled; partial output removed")
+        handoffs = (job.handoffs if job else 0) + 1
+        try:
+            self._with_redis_retries(lambda: self.store.transition(
+                job_id, "queued", from_={"running"}, attempt=attempt,
+                fields={"worker": "", "enqueued_at": "", "handoffs": handoffs, "progress": progress},
+                message=f"worker {self.worker_name} is shutting down: job handed back to the queue; "
+                        f"{getattr(stop, 'kept', 0)} committed shard(s) kept for the next attempt"))
+        except (StaleAttempt, IllegalTransition) as e:
+            log.warning("job %s: cannot hand it back: %s", job_id, e)
+            return None
+        self._send(job_id)
+        log.info("job %s handed back to the queue", job_id)
+        return "queued"
+
+    def _send(self, job_id: str) -> None:
+        """Publish a merge message for a queued job (the reaper does it if this fails)."""
+        if self.enqueue is None:
+            return
+        try:
+            if self.store.claim_enqueue(job_id):
+                try:
+                    self.enqueue(job_id)
+                except Exception:
+                    self.store.r.hset(self.store.k_job(job_id), "enqueued_at", "")
+                    raise
+        except Exception as e:
+            log.warning("job %s: cannot queue it again (the reaper will): %s", job_id, e)
+
+    def _discard_output(self, job) -> None:
+        """Remove the partial output of a job that ended without its worker."""
+        from drmerge.spec import parse_spec
+
+        try:
+            from drmerge.pipeline import discard_partial_output
+
+            removed = discard_partial_output(parse_spec(job.spec), job.shards, self.settings.s3_options())
+            self.store.r.hdel(self.store.k_job(job.id), "cleanup")
+            if removed:
+                self.store.add_event(job.id, "cleanup", f"removed partial output: {', '.join(removed)[:1500]}")
+        except Exception as e:
+            log.warning("job %s: cannot remove its partial output: %s", job.id, e)
 
     def _finish(self, job_id: str, status: str, attempt: int | None, *, from_: set[str], message: str,
                 progress: dict | None = None, result: dict | None = None, error: dict | None = None) -> str | None:

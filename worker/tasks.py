@@ -2,8 +2,12 @@
 the merge in drmerge.pipeline.
 
 A worker process also keeps a heartbeat in Redis (``/readyz`` and ``drmerge_workers_live``
-count them; a running job whose worker has no heartbeat can be reclaimed) and runs a
-webhook delivery loop.
+count them) and one in the record of the job it runs (the reaper re-queues a job whose
+heartbeat stops), and runs a webhook delivery loop and the reaper (service/reaper.py).
+
+On SIGTERM (warm shutdown) the running merge stops at the next tensor and its job goes
+back to the queue with its committed shards kept (worker.runner); Celery then acks the
+message and exits.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from celery import signals
 
 from service.jobstore import JobStore
+from service.reaper import Reaper
 from service.settings import get_settings
 from service.webhooks import WebhookDeliverer
 
@@ -54,8 +59,12 @@ def _runner(hostname: str | None = None) -> JobRunner:
         s = get_settings()
         name = _state["name"] or hostname or f"drmerge@{socket.gethostname()}-{os.getpid()}"
         _state["name"] = name
-        _state["runner"] = JobRunner(_store(), s, name, device=resolve_device(s.worker_device))
+        _state["runner"] = JobRunner(_store(), s, name, device=resolve_device(s.worker_device), enqueue=_enqueue)
     return _state["runner"]
+
+
+def _enqueue(job_id: str) -> None:
+    celery_app.send_task(MERGE_TASK, args=[job_id], queue=get_settings().queue)
 
 
 @celery_app.task(name=MERGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -77,6 +86,11 @@ def _heartbeat_loop() -> None:
                                s.worker_heartbeat_ttl_s)
         except Exception as e:
             log.warning("heartbeat failed: %s", e)
+        if runner is not None:
+            try:
+                runner.heartbeat_job()
+            except Exception as e:
+                log.warning("job heartbeat failed: %s", e)
         _state["stop"].wait(s.worker_heartbeat_s)
 
 
@@ -94,14 +108,24 @@ def _on_ready(sender=None, **_):
     t.start()
     _state["threads"].append(t)
     _state["deliverer"] = WebhookDeliverer(_store(), get_settings()).start()
+    _state["reaper"] = Reaper(_store(), get_settings(), _enqueue, name=runner.worker_name).start()
+
+
+@signals.worker_shutting_down.connect
+def _on_shutting_down(**_):
+    """SIGTERM/SIGINT (sent from the signal handler: only set flags here). The merge in
+    progress stops at the next tensor and its job is handed back to the queue."""
+    runner = _state["runner"]
+    if runner is not None:
+        runner.shutting_down.set()
 
 
 @signals.worker_shutdown.connect
 def _on_shutdown(**_):
     _state["stop"].set()
-    deliverer = _state.get("deliverer")
-    if deliverer is not None:
-        deliverer.stop()
+    for key in ("deliverer", "reaper"):
+        if _state.get(key) is not None:
+            _state[key].stop()
     if _state["name"]:
         try:
             _store().remove_worker(_state["name"])

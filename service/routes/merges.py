@@ -69,6 +69,36 @@ def _check_metadata(metadata: dict, settings: Settings) -> None:
             raise Problem(422, "invalid_request", "metadata: values must be at most 512 characters", f"metadata.{k}")
 
 
+def _printable(key) -> str:
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_text(body: dict) -> None:
+    """JSON can escape lone surrogates (``"\\ud800"``); such strings cannot be stored
+    (Redis wants UTF-8), become S3 keys or be sent back, so they are refused up front.
+    Iterative: the body may be nested as deep as the JSON parser allows."""
+    stack = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            items = [(k, v, f"{path}.{_printable(k)}" if path else _printable(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(None, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        else:
+            items = []
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    code = "invalid_spec" if path == "spec" or path.startswith(("spec.", "spec[")) else "invalid_request"
+                    raise Problem(422, code, f"{path}: is not valid Unicode text (it holds a lone surrogate)",
+                                  path or None) from None
+        for key, v, p in items:
+            stack.append((v, p))
+            if key is not None:
+                stack.append((key, p))
+
+
 def _not_found(job_id: str) -> Problem:
     return Problem(404, "not_found", f"no merge job {job_id!r}")
 
@@ -92,6 +122,7 @@ def create_merge(body: MergeRequest, response: Response,
                  store: JobStore = Depends(get_store), settings: Settings = Depends(get_settings_dep),
                  celery=Depends(get_celery), principal: Principal = Depends(get_principal)):
     check_spec(body.spec, settings.max_models, settings.max_spec_string_length)
+    _check_text(body.model_dump(mode="python"))
     try:
         spec = parse_spec(body.spec)
     except MergeError as e:

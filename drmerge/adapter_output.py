@@ -1,0 +1,279 @@
+"""``output_format: adapter``: merge LoRA adapters into one new PEFT LoRA adapter.
+
+Every adapted module's merged delta (the same ``D`` a full output adds to the base,
+times ``lam``) is truncated to rank ``r`` by SVD (``methods.drm_lowrank.truncated``: for
+DRM the delta is already factored as ``M V^T``, so this never forms it densely) and
+written as ``lora_B`` (out x r) and ``lora_A`` (r x in) with ``lora_alpha = r``, i.e.
+scaling 1. ``drmerge.json`` records, per module and overall, the fraction of the merged
+delta's energy (squared Frobenius norm) the truncation kept.
+
+Rank: ``adapter_rank`` if the spec gives it, else the sum of the input adapters' ranks
+capped at ``DEFAULT_RANK_CAP``. Every module gets that same rank (serving stacks such as
+multi-LoRA servers expect one rank per adapter); a module whose merged delta has lower
+rank is padded with zero components, which changes nothing. Only a weight with a side
+smaller than ``r`` gets a lower rank, through ``rank_pattern``/``alpha_pattern``.
+
+The base model is only needed for its shapes and names: without ``base_model``, the
+adapters' own shapes are used and must agree with each other. Its weights are never read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import re
+import time
+from dataclasses import asdict
+
+import torch
+
+from . import __version__
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterReader, task_deltas
+from .checkpoint import CODE_OF, DTYPES, OutTensor, ShardWriter
+from .errors import Cancelled, Interrupted, MergeError
+from .methods import COPY
+from .methods.drm_lowrank import LowRank, dense_to_lowrank, mixed_merged_delta, truncated
+from .spec import MergeSpec
+from .storage import open_storage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RANK_CAP = 64
+
+
+def output_rank(spec: MergeSpec, adapters: list[AdapterReader]) -> int:
+    if spec.adapter_rank is not None:
+        return spec.adapter_rank
+    return min(sum(a.max_rank for a in adapters), DEFAULT_RANK_CAP)
+
+
+def _modules(inputs) -> list[tuple]:
+    """``(tensor plan, PEFT module key, out_features, in_features, fan_in_fan_out)`` of every
+    module some adapter adapts, in plan order."""
+    owners: dict[str, object] = {}
+    for ad in inputs.adapters:
+        for name, mod in ad.by_name.items():
+            owners.setdefault(name, mod)
+    out = []
+    for tp in inputs.plan.tensors:
+        mod = owners.get(tp.name)
+        if mod is not None and tp.kind != COPY:
+            out.append((tp, mod.key, mod.b.shape[0], mod.a.shape[1], mod.fan_in_fan_out))
+    return out
+
+
+def _common(values, default=None):
+    values = set(values)
+    return values.pop() if len(values) == 1 else default
+
+
+def adapter_config(spec: MergeSpec, adapters: list[AdapterReader], modules: list[tuple], rank: int,
+                   ranks: dict[str, int], warnings: list[str]) -> dict:
+    """A PEFT ``LoraConfig`` for the merged adapter (plain LoRA, scaling 1 everywhere)."""
+    cfgs = [a.config for a in adapters]
+    task_type = _common(c.get("task_type") for c in cfgs)
+    if task_type is None and any(c.get("task_type") for c in cfgs):
+        warnings.append("the input adapters disagree on task_type; the merged adapter has none")
+    keys = [key for _, key, *_ in modules]
+    all_keys = {k for a in adapters for k in a.modules}
+    leaves = set()
+    exact_by_leaves = set(keys) == all_keys
+    for c in cfgs:
+        tm = c.get("target_modules")
+        if not isinstance(tm, list) or c.get("layers_to_transform") not in (None, []) or c.get("exclude_modules"):
+            exact_by_leaves = False
+            break
+        leaves.update(tm)
+    # Leaf names ("q_proj") when they select exactly the merged modules, as the inputs did;
+    # else the full module names, which PEFT matches exactly.
+    target_modules = sorted(leaves) if exact_by_leaves else sorted(keys)
+    rank_pattern = {re.escape(k): r for k, r in ranks.items() if r != rank}
+    base_name = _common(c.get("base_model_name_or_path") for c in cfgs) or spec.base_model
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_name,
+        "revision": _common(c.get("revision") for c in cfgs),
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "use_rslora": False,
+        "target_modules": target_modules,
+        "fan_in_fan_out": any(fifo for *_, fifo in modules),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "inference_mode": True,
+        "auto_mapping": json.loads(_common((json.dumps(c.get("auto_mapping"), sort_keys=True) for c in cfgs), "null")),
+    }
+
+
+def merged_module(inputs, tp, factors: list, device: torch.device, rank: int) -> tuple[LowRank, float, float]:
+    """Rank-``rank`` factors of ``lam * D`` for one module (base orientation), with the
+    energy kept and total."""
+    spec = inputs.spec
+    p = spec.parameters
+    deltas = task_deltas(inputs, tp.name, None, factors, device)
+    delta = mixed_merged_delta(spec.method, tp.kind, deltas, tp.out.shape, inputs.weights.to(device), p)
+    if isinstance(delta, torch.Tensor):  # a method without a factored form: SVD of the dense result
+        delta = dense_to_lowrank(delta.reshape(tp.out.shape))
+    approx, kept, total = truncated(delta, rank)
+    scale = 1.0 if spec.method == "linear" else p.scale
+    return LowRank(approx.left * scale, approx.right), kept, total
+
+
+def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, should_cancel=None,
+                      s3_options: dict | None = None, completed_shards: list[dict] | None = None,
+                      on_shard=None, should_pause=None, owns_output=None):
+    """``pipeline.run_merge`` for ``output_format: adapter``: same contract, hooks and cleanup.
+
+    One difference: the adapter is one small file written at the end, so there are no
+    shards to keep. A resumed run (``completed_shards`` given) returns an output already
+    complete for this spec, else starts over; a pause keeps nothing. Committed files are
+    still reported through ``on_shard`` so an abandoned run's leftovers can be removed.
+    """
+    from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _finished_output, _preflight_output,
+                           _remove_empty_local_dir, _remove_stale_weights, plan_fingerprint, resolve_device)
+
+    started = time.perf_counter()
+    created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    dev = resolve_device(device)
+    state = Progress()
+
+    def report(stage: str | None = None) -> None:
+        if stage:
+            state.stage = stage
+        if progress:
+            progress(Progress(**asdict(state)))
+
+    report("planning")
+    inputs = Inputs(spec, s3_options)
+    out = open_storage(spec.output, s3_options)
+    writer: ShardWriter | None = None
+    written: list[str] = []
+    timings = {"plan_s": 0.0, "read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "total_s": 0.0}
+    try:
+        if completed_shards is not None:
+            done = _finished_output(spec, out, dev)
+            if done is not None:
+                report("done")
+                return done
+        _preflight_output(spec, out)
+        if completed_shards is not None:
+            out.abort_stale_writes()
+        fingerprint = plan_fingerprint(spec, inputs)
+
+        def record(entry: dict) -> None:
+            if on_shard is not None:
+                on_shard(dict(entry, plan=fingerprint))
+
+        warnings = list(inputs.plan.warnings)
+        for warning in warnings:
+            log.warning(warning)
+        modules = _modules(inputs)
+        if not modules:
+            raise MergeError("invalid_spec", "no adapted module is merged (select.ignore keeps all of them at the base)",
+                             param="select.ignore")
+        rank = output_rank(spec, inputs.adapters)
+        ranks = {key: min(rank, n_out, n_in) for _, key, n_out, n_in, _ in modules}
+        dtypes = {a.dtype for a in inputs.adapters}
+        code = CODE_OF[spec.dtype] if spec.dtype else (dtypes.pop() if len(dtypes) == 1 else "F32")
+        out_dtype = DTYPES[code][0]
+        planned = []
+        for _, key, n_out, n_in, _ in modules:
+            planned.append(OutTensor(f"{PEFT_PREFIX}{key}.lora_A.weight", code, (ranks[key], n_in)))
+            planned.append(OutTensor(f"{PEFT_PREFIX}{key}.lora_B.weight", code, (n_out, ranks[key])))
+        timings["plan_s"] = time.perf_counter() - started
+        state.tensors_total = len(modules)
+        if spec.overwrite:
+            out.delete(MARKER)
+        report("merging")
+        writer = ShardWriter(out, ADAPTER_WEIGHTS, planned)
+        energy: dict[str, dict] = {}
+        kept_sum = total_sum = 0.0
+        for tp, key, n_out, n_in, fifo in modules:
+            if should_cancel is not None and should_cancel():
+                raise Cancelled()
+            if should_pause is not None and should_pause():
+                raise Interrupted("the merge was interrupted; an adapter output is written whole at the end, "
+                                  "so nothing was kept", kept=0)
+            t0 = time.perf_counter()
+            factors = [m.read(tp.name) for m in inputs.models]
+            state.bytes_read += sum(m.nbytes(tp.name) for m in inputs.models)
+            t1 = time.perf_counter()
+            approx, kept, total = merged_module(inputs, tp, factors, dev, ranks[key])
+            b, a = (approx.right.T, approx.left.T) if fifo else (approx.left, approx.right)  # PEFT orientation
+            k = approx.rank
+            b_out = torch.zeros(n_out, ranks[key], dtype=out_dtype)
+            a_out = torch.zeros(ranks[key], n_in, dtype=out_dtype)
+            b_out[:, :k] = b.to("cpu", out_dtype)
+            a_out[:k] = a.to("cpu", out_dtype)
+            t2 = time.perf_counter()
+            before = writer.size
+            writer.add(f"{PEFT_PREFIX}{key}.lora_A.weight", a_out)
+            writer.add(f"{PEFT_PREFIX}{key}.lora_B.weight", b_out)
+            state.bytes_written += writer.size - before
+            timings["read_wait_s"] += t1 - t0
+            timings["compute_s"] += t2 - t1
+            timings["write_s"] += time.perf_counter() - t2
+            energy[key] = {"rank": ranks[key], "energy_kept": kept / total if total > 0 else 1.0}
+            kept_sum, total_sum = kept_sum + kept, total_sum + total
+            state.tensors_done += 1
+            report()
+        report("finalizing")
+        files = [writer.commit()]
+        written.append(ADAPTER_WEIGHTS)
+        writer = None
+        record(files[0])
+        config = adapter_config(spec, inputs.adapters, modules, rank, ranks, warnings)
+        data = json.dumps(config, indent=2).encode()
+        out.write_bytes(ADAPTER_CONFIG, data)
+        written.append(ADAPTER_CONFIG)
+        files.append(_file_entry(ADAPTER_CONFIG, data))
+        record(files[-1])
+        if spec.overwrite:
+            _remove_stale_weights(out, {f["name"] for f in files})
+        seconds = time.perf_counter() - started
+        timings["total_s"] = seconds
+        result = MergeResult(output=spec.output, files=files, tensors=len(planned), bytes_read=state.bytes_read,
+                             bytes_written=state.bytes_written, seconds=seconds,
+                             timings={k: round(v, 4) for k, v in timings.items()}, warnings=warnings, device=str(dev),
+                             resumed={"shards_kept": 0, "tensors_skipped": 0} if completed_shards is not None else None)
+        adapter = {"rank": rank, "energy_kept": kept_sum / total_sum if total_sum > 0 else 1.0, "modules": energy}
+        marker = {"spec": spec.to_dict(), "engine": {"name": "drmerge", "version": __version__},
+                  "created_at": created_at, "device": str(dev), "files": files, "tensors": len(planned),
+                  "adapter": adapter, "timings": result.timings, "warnings": warnings}
+        out.write_bytes(MARKER, json.dumps(marker, indent=2).encode())
+        report("done")
+        return result
+    except BaseException as e:
+        if writer is not None:
+            writer.abort()
+        paused = isinstance(e, Interrupted)
+        if not paused and not isinstance(e, Cancelled) and should_pause is not None:
+            try:
+                paused = bool(should_pause())
+            except Exception:
+                pass
+        if not paused and owns_output is not None:
+            try:
+                paused = not owns_output()
+            except Exception:
+                paused = True  # cannot tell: deleting might destroy a newer run's output
+        if paused:  # as run_merge: what is committed may belong to a newer attempt; keep it
+            if isinstance(e, Interrupted):
+                raise
+            raise Interrupted(f"the merge stopped while a pause was requested ({e})", kept=0) from e
+        for name in written:
+            out.delete(name)
+        _remove_empty_local_dir(out)
+        if isinstance(e, (MergeError, KeyboardInterrupt, SystemExit)):
+            raise
+        raise MergeError("internal_error", f"unexpected {e.__class__.__name__}: {e}") from e
+    finally:
+        inputs.close()
+        out.close()

@@ -1,0 +1,192 @@
+"""The reaper: no job stays ``running`` after its worker has gone.
+
+A worker killed with SIGKILL (OOM killer, node loss, ``kill -9``) leaves its job
+``running`` and its Celery message unacknowledged; Redis would only hand that message out
+again after the broker's visibility timeout, which must exceed the job time limit (hours).
+Instead the owning attempt stamps ``heartbeat_at`` in the job record every
+``worker_heartbeat_s``, and the reaper looks for jobs whose heartbeat is older than
+``job_heartbeat_timeout_s``:
+
+- ``running``: back to ``queued`` with a fresh message (the next attempt resumes from the
+  shards already committed), or, once the job has lost ``job_max_attempts`` workers,
+  ``failed`` with ``timeout``;
+- ``cancelling``: ``cancelled`` (nobody is left to stop);
+- a job that ends here is marked ``cleanup: pending`` and a message is sent anyway: the
+  worker that receives it removes the partial output (the API has no S3 credentials);
+- ``queued`` with no message known to be sent (the API died between storing the job and
+  publishing it) older than ``job_heartbeat_timeout_s``: the message is sent.
+
+Where it runs: in every API process and every worker (``reaper_interval_s``). The API is
+the one part that is always up (workers may scale to zero, and the message a re-queue
+sends is what wakes the autoscaler); workers run it too so that recovery does not depend
+on the API. Several replicas are safe: one sweeps at a time, by a lease in Redis that
+expires if its holder dies, and each decision is one atomic, fenced step (the job's
+attempt number must be unchanged and its heartbeat still stale, by Redis's clock), so a
+job is never re-queued twice or taken from a worker that just came back.
+
+A reaper that could not reach Redis judges nothing until Redis has answered it for two
+heartbeat periods: during an outage every heartbeat looks stale, and workers need a
+moment to refresh theirs once Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from .jobstore import IllegalTransition, JobStore, StaleAttempt, StillAlive
+
+log = logging.getLogger("drmerge.reaper")
+
+
+class Reaper:
+    def __init__(self, store: JobStore, settings, enqueue, name: str | None = None):
+        self.store = store
+        self.settings = settings
+        self.enqueue = enqueue  # job_id -> None: publish a merge message
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self.lease_key = f"{store.p}:reaper"
+        self._connected_since: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- one sweep ---------------------------------------------------------------------
+    def _hold_lease(self) -> bool:
+        ttl_ms = int(max(1.0, self.settings.reaper_interval_s * 3) * 1000)
+        r = self.store.r
+        if r.set(self.lease_key, self.name, nx=True, px=ttl_ms):
+            return True
+        if r.get(self.lease_key) == self.name:
+            r.pexpire(self.lease_key, ttl_ms)
+            return True
+        return False
+
+    def sweep(self, force: bool = False) -> dict:
+        """Look once; returns what was done: {"requeued", "failed", "cancelled", "sent"}
+        (lists of job ids). ``force`` skips the lease and the reconnect grace (tests)."""
+        done: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "sent": []}
+        try:
+            if not force:
+                if not self._hold_lease():
+                    self._connected_since = self._connected_since or time.monotonic()
+                    return done
+                now_m = time.monotonic()
+                if self._connected_since is None:
+                    self._connected_since = now_m
+                if now_m - self._connected_since < 2 * self.settings.worker_heartbeat_s:
+                    return done  # just (re)connected: let workers refresh their heartbeats first
+            self._reap_stale(done)
+            self._send_unsent(done)
+        except Exception as e:  # Redis away: judge nothing until it has been back a while
+            self._connected_since = None
+            log.warning("reaper: %s", e)
+        return done
+
+    def _reap_stale(self, done: dict) -> None:
+        s = self.settings
+        limit = s.job_heartbeat_timeout_s
+        ids = self.store.active_job_ids()
+        if not ids:
+            return
+        now = self.store.server_time()
+        pipe = self.store.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.store.k_job(job_id), "heartbeat_at", "updated_at")
+        for job_id, (hb, updated) in zip(ids, pipe.execute()):
+            last = float(hb or updated or 0)
+            if now - last < limit:
+                continue
+            job = self.store.get(job_id)
+            if job is None or job.status not in ("running", "cancelling"):
+                continue
+            quiet = round(now - last)
+            who = f"worker {job.worker}" if job.worker else "its worker"
+            try:
+                if job.status == "cancelling":
+                    self.store.transition(job_id, "cancelled", from_={"cancelling"}, attempt=job.attempts,
+                                          stale_after=limit, fields={"cleanup": "pending"},
+                                          message=f"cancelled: {who} vanished (no heartbeat for {quiet}s) "
+                                                  "before it stopped")
+                    done["cancelled"].append(job_id)
+                    self._send_cleanup(job_id)
+                elif job.lost >= s.job_max_attempts:
+                    self.store.transition(
+                        job_id, "failed", from_={"running"}, attempt=job.attempts, stale_after=limit,
+                        fields={"cleanup": "pending",
+                                "error": {"code": "timeout", "param": None,
+                                          "message": f"{who} stopped sending heartbeats (none for {quiet}s) and "
+                                                     f"this job has now lost {job.lost} workers "
+                                                     f"(DRMERGE_JOB_MAX_ATTEMPTS={s.job_max_attempts}); giving up"}},
+                        message=f"failed: {who} vanished (no heartbeat for {quiet}s); too many lost workers")
+                    done["failed"].append(job_id)
+                    self._send_cleanup(job_id)
+                else:
+                    self.store.transition(
+                        job_id, "queued", from_={"running"}, attempt=job.attempts, stale_after=limit,
+                        fields={"worker": "", "enqueued_at": ""},
+                        message=f"{who} vanished (no heartbeat for {quiet}s); re-queued "
+                                f"(lost {job.lost} of at most {s.job_max_attempts} workers)")
+                    done["requeued"].append(job_id)
+                    self._send(job_id)
+            except (StillAlive, StaleAttempt, IllegalTransition):
+                continue  # it came back, or moved on, meanwhile
+            log.warning("reaper: job %s: %s vanished (no heartbeat for %ss)", job_id, who, quiet)
+
+    def _send_unsent(self, done: dict) -> None:
+        """Queued jobs whose message was never published (an API crash between storing
+        the job and sending it, or a failed re-send)."""
+        ids = self.store.r.zrange(self.store.k_index("queued"), 0, -1)
+        if not ids:
+            return
+        pipe = self.store.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hmget(self.store.k_job(job_id), "enqueued_at", "updated_at")
+        cutoff = time.time() - self.settings.job_heartbeat_timeout_s
+        for job_id, (enqueued, updated) in zip(ids, pipe.execute()):
+            if enqueued or float(updated or 0) > cutoff:
+                continue
+            if self._send(job_id):
+                self.store.add_event(job_id, "status", "its queue message was never sent; sent it now")
+                done["sent"].append(job_id)
+
+    def _send(self, job_id: str) -> bool:
+        if not self.store.claim_enqueue(job_id):
+            return False
+        try:
+            self.enqueue(job_id)
+        except Exception as e:
+            self.store.r.hset(self.store.k_job(job_id), "enqueued_at", "")  # the next sweep retries
+            log.warning("reaper: cannot queue job %s: %s", job_id, e)
+            return False
+        return True
+
+    def _send_cleanup(self, job_id: str) -> None:
+        """A message for an ended job: the worker receiving it removes the partial output."""
+        try:
+            self.enqueue(job_id)
+        except Exception as e:
+            log.warning("reaper: cannot ask a worker to clean up after job %s: %s", job_id, e)
+
+    # --- the loop ----------------------------------------------------------------------
+    def start(self) -> "Reaper":
+        if self.settings.reaper_interval_s > 0:
+            self._thread = threading.Thread(target=self._run, name="drmerge-reaper", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.reaper_interval_s):
+            self.sweep()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            if self.store.r.get(self.lease_key) == self.name:
+                self.store.r.delete(self.lease_key)
+        except Exception:
+            pass
