@@ -56,10 +56,12 @@ def main(d: str) -> None:
                 print(f"\n{wl.upper()} {key} vs mergekit agreement: {data[key]['agreement']}")
     sc = _load(d, "scaling.json")
     if sc:
-        print("\n| T | n x m | Gram side | dense s | drmerge s | time ratio | dense extra MB | drmerge extra MB |\n|---|---|---|---|---|---|---|---|")
+        print("\n| T | n x m | Gram side | dense CPU s | drmerge CPU s | CPU ratio | dense wall s | drmerge wall s | dense extra MB | drmerge extra MB |\n|---|---|---|---|---|---|---|---|---|---|")
         for r in sc["rows"]:
-            print(f"| {r['T']} | {r['n']}x{r['m']} | {r['gram_side']} | {r['dense']['seconds']:.1f} | {r['drmerge']['seconds']:.1f} "
-                  f"| {r['time_ratio']:.2f} | {r['dense']['extra_peak_mb']:.0f} | {r['drmerge']['extra_peak_mb']:.0f} |")
+            print(f"| {r['T']} | {r['n']}x{r['m']} | {r['gram_side']} | {r['dense'].get('cpu_s', float('nan')):.1f} | "
+                  f"{r['drmerge'].get('cpu_s', float('nan')):.1f} | {r.get('cpu_ratio', float('nan')):.2f} | "
+                  f"{r['dense']['seconds']:.1f} | {r['drmerge']['seconds']:.1f} "
+                  f"| {r['dense']['extra_peak_mb']:.0f} | {r['drmerge']['extra_peak_mb']:.0f} |")
     for name in sorted(os.listdir(d)):
         if name.startswith("overlap"):
             data = _load(d, name)
