@@ -14,6 +14,7 @@ needs only shapes). Two parts:
     python bench/lora_bench.py sample            # ~5 min on 2 cores (the dense path is the slow part)
     python bench/lora_bench.py full --layers 32  # ~2 min
     python bench/lora_bench.py all
+    ... --threads 1                              # torch threads in the measured processes
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def _rss_mb() -> float:
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_s() -> float:
+    """Process CPU time (user + system, all threads): on a shared machine it moves far
+    less with other people's load than wall time does."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def synthetic_factors(shape, seed: int):
@@ -88,14 +96,15 @@ def one(path: str, module: str, repeats: int) -> dict:
 
     fn = dense if path == "dense" else lowrank
     before_rss = _rss_mb()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         result = fn()
         times.append(time.perf_counter() - t0)
+        cpu.append(_cpu_s() - c0)
         del result
     return {"path": path, "module": module, "shape": list(shape), "seconds": statistics.median(times),
-            "runs": len(times), "peak_extra_mb": round(max(0.0, _peak_mb() - before_rss), 1),
+            "cpu_s": round(statistics.median(cpu), 3), "runs": len(times), "load1": round(os.getloadavg()[0], 1), "peak_extra_mb": round(max(0.0, _peak_mb() - before_rss), 1),
             "threads": torch.get_num_threads()}
 
 
@@ -105,12 +114,12 @@ def sample(args) -> list[dict]:
         for path, repeats in (("lowrank", 5), ("lowrank_dense", 3), ("dense", 1)):
             if path == "dense" and args.no_dense:
                 continue
-            cmd = [sys.executable, __file__, "_one", path, module, str(repeats)]
+            cmd = [sys.executable, __file__, "_one", path, module, str(repeats), str(args.threads)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=_root())
             row = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"{module:<10} {str(tuple(row['shape'])):<14} {path:<14} {row['seconds']:9.3f} s  "
-                  f"peak +{row['peak_extra_mb']:8.1f} MB", flush=True)
+                  f"cpu {row['cpu_s']:9.3f} s  peak +{row['peak_extra_mb']:8.1f} MB  load {row['load1']}", flush=True)
     by = {(r["module"], r["path"]): r for r in rows}
     for module in args.modules:
         if (module, "dense") in by:
@@ -155,12 +164,14 @@ def full_child(workdir: str, layers: int, rank: int | None) -> dict:
     if rank:
         spec["adapter_rank"] = rank
     before = _rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     result = merge(spec, device="cpu")
     seconds = time.perf_counter() - t0
+    cpu = _cpu_s() - c0
     with open(os.path.join(out, "drmerge.json")) as f:
         adapter = json.load(f)["adapter"]
     return {"layers": layers, "modules": result.tensors // 2, "rank": adapter["rank"], "seconds": round(seconds, 2),
+            "cpu_s": round(cpu, 1), "load1": round(os.getloadavg()[0], 1),
             "timings": result.timings, "energy_kept": adapter["energy_kept"],
             "min_module_energy_kept": min(m["energy_kept"] for m in adapter["modules"].values()),
             "peak_rss_mb": round(_peak_mb(), 1), "rss_before_mb": round(before, 1),
@@ -173,7 +184,7 @@ def full(args) -> list[dict]:
     print(f"wrote {T} synthetic rank-{RANK} adapters ({args.layers} layers, bf16) in {time.perf_counter() - t0:.1f}s")
     rows = []
     for rank in args.ranks:
-        cmd = [sys.executable, __file__, "_full", args.workdir, str(args.layers), str(rank)]
+        cmd = [sys.executable, __file__, "_full", args.workdir, str(args.layers), str(rank), str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=_root())
         row = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append(row)
@@ -186,12 +197,17 @@ def _root() -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_one":
+    if len(sys.argv) > 1 and sys.argv[1] in ("_one", "_full"):
         sys.path.insert(0, _root())
+        threads = int(sys.argv[-1])
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+    if len(sys.argv) > 1 and sys.argv[1] == "_one":
         print(json.dumps(one(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_full":
-        sys.path.insert(0, _root())
         rank = int(sys.argv[4])
         print(json.dumps(full_child(sys.argv[2], int(sys.argv[3]), rank or None)))
         return
@@ -202,6 +218,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--ranks", type=int, nargs="+", default=[0, 80], help="adapter_rank values (0: the default)")
     ap.add_argument("--workdir", default="/tmp/drmerge-lora-bench")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the measuring processes (0: torch's default)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
     rows = {}
