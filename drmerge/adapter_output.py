@@ -137,7 +137,8 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
     still reported through ``on_shard`` so an abandoned run's leftovers can be removed.
     """
     from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _finished_output, _preflight_output,
-                           _remove_empty_local_dir, _remove_stale_weights, plan_fingerprint, resolve_device)
+                           _remove_empty_local_dir, _remove_stale_weights, keep_output_after_failure, plan_fingerprint,
+                           resolve_device)
 
     started = time.perf_counter()
     created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
@@ -253,17 +254,7 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
     except BaseException as e:
         if writer is not None:
             writer.abort()
-        paused = isinstance(e, Interrupted)
-        if not paused and not isinstance(e, Cancelled) and should_pause is not None:
-            try:
-                paused = bool(should_pause())
-            except Exception:
-                pass
-        if not paused and owns_output is not None:
-            try:
-                paused = not owns_output()
-            except Exception:
-                paused = True  # cannot tell: deleting might destroy a newer run's output
+        paused = keep_output_after_failure(e, should_pause, owns_output)
         if paused:  # as run_merge: what is committed may belong to a newer attempt; keep it
             _remove_empty_local_dir(out)
             if isinstance(e, Interrupted):

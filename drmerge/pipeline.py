@@ -565,17 +565,7 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
                 writer.finish()  # aborts the shard in progress
             except BaseException:
                 pass
-        paused = isinstance(e, Interrupted)
-        if not paused and not isinstance(e, Cancelled) and should_pause is not None:
-            try:
-                paused = bool(should_pause())
-            except Exception:
-                pass
-        if not paused and owns_output is not None:
-            try:
-                paused = not owns_output()
-            except Exception:
-                paused = True  # cannot tell: deleting might destroy a newer run's shards
+        paused = keep_output_after_failure(e, should_pause, owns_output)
         if paused:  # keep committed shards: a resumed run (maybe already started) uses them
             n_kept = len(kept) + len(writer.written if writer else ())
             if isinstance(e, Interrupted):
@@ -595,6 +585,27 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
         inputs.close()
         out.close()
 
+
+
+def keep_output_after_failure(error: BaseException, should_pause: "CancelFn | None",
+                              owns_output: "CancelFn | None") -> bool:
+    """Whether a failed run must leave its committed output in place: it was paused (a
+    resumed run will use it), or it no longer owns the output (it may be a newer
+    attempt's). When ownership cannot be read, keep: deleting might destroy a newer run's."""
+    if isinstance(error, Interrupted):
+        return True
+    if not isinstance(error, Cancelled) and should_pause is not None:
+        try:
+            if should_pause():
+                return True
+        except Exception:
+            pass
+    if owns_output is not None:
+        try:
+            return not owns_output()
+        except Exception:
+            return True
+    return False
 
 def _file_entry(name: str, data: bytes) -> dict:
     import hashlib
