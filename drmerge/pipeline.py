@@ -110,6 +110,7 @@ class Inputs:
             self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
                                          uris if self.base else uris[1:])
         self.weights = torch.tensor([m.weight for m in spec.models], dtype=COMPUTE_DTYPE)
+        self._copied = {t.name for t in self.plan.tensors if t.kind == COPY}
 
     def _open(self, uri: str, s3_options, index: int | None = None) -> CheckpointReader | AdapterReader:
         storage = open_storage(uri, s3_options)
@@ -125,12 +126,21 @@ class Inputs:
         base = self.base.read(name) if self.base else None
         return base, [m.read(name) for m in self.models]
 
+    def read_copied(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """A tensor copied unchanged: only the reference holds it for sure (see build_plan)."""
+        if self.base:
+            return self.base.read(name), []
+        return None, [self.reference.read(name)]
+
     def lazy(self, name: str) -> tuple[LazyTensor | None, list[LazyTensor]]:
         """Like ``read``, but leaves the data in storage (see LazyTensor)."""
         base = LazyTensor(self.base, name) if self.base else None
         return base, [LazyTensor(m, name) for m in self.models]
 
     def nbytes(self, name: str) -> int:
+        """Bytes read for ``name``: every input's copy, or only the reference's for a copied tensor."""
+        if name in self._copied:
+            return self.reference.tensors[name].length
         readers = ([self.base] if self.base else []) + self.models
         return sum(r.nbytes(name) if isinstance(r, AdapterReader) else r.tensors[name].length for r in readers)
 
@@ -223,7 +233,9 @@ def merged_tensors(inputs: Inputs, names: Iterable[str], device: torch.device,
     try:
         def submit(i: int) -> None:
             tp = order[i]
-            if tp.kind != COPY and not inputs.adapters and is_elementwise(inputs.spec.method, tp.kind, MATRIX) \
+            if tp.kind == COPY:
+                pending.append(pool.submit(inputs.read_copied, tp.name))
+            elif not inputs.adapters and is_elementwise(inputs.spec.method, tp.kind, MATRIX) \
                     and inputs.nbytes(tp.name) > LAZY_INPUT_BYTES:
                 pending.append(pool.submit(inputs.lazy, tp.name))
             else:

@@ -95,23 +95,32 @@ def build_plan(spec: MergeSpec, reference: CheckpointReader, models: list[Checkp
     """``reference`` is the base (or, for ``linear``, the first model)."""
     warnings: list[str] = []
     ref = reference.tensors
+    selector = Selector(spec.select)
+    kinds = {name: selector.kind(info) for name, info in ref.items()}
     for uri, reader in zip(model_uris, models):
         missing = [n for n in ref if n not in reader.tensors]
+        # A tensor copied from the base (integer/bool buffers, ``select.ignore``) needs no
+        # fine-tuned copy: checkpoints saved by different library versions differ in such
+        # buffers (e.g. BERT's int64 ``embeddings.position_ids``), so this is only a warning.
+        copied = [n for n in missing if kinds[n] == COPY]
+        missing = [n for n in missing if kinds[n] != COPY]
         if missing:
             raise MergeError("incompatible_checkpoints",
                              f"{uri} lacks {len(missing)} tensor(s) of the base: {_listing(missing)}")
+        if copied:
+            warnings.append(f"{uri} lacks {len(copied)} tensor(s) that are copied from the base anyway "
+                            f"(not floating-point, or ignored by select): {_listing(copied)}")
         mismatched = [f"{n} {list(reader.tensors[n].shape)} vs {list(ref[n].shape)}"
-                      for n in ref if reader.tensors[n].shape != ref[n].shape]
+                      for n in ref if n in reader.tensors and reader.tensors[n].shape != ref[n].shape]
         if mismatched:
             raise MergeError("incompatible_checkpoints",
                              f"{uri} has tensors shaped differently from the base: {_listing(mismatched)}")
         extra = [n for n in reader.tensors if n not in ref]
         if extra:
             warnings.append(f"{uri} holds {len(extra)} tensor(s) the base lacks; they are not merged: {_listing(extra)}")
-    selector = Selector(spec.select)
     plans = []
     for name, info in ref.items():
-        kind = selector.kind(info)
+        kind = kinds[name]
         dtype = CODE_OF[spec.dtype] if spec.dtype and kind != COPY else info.dtype
         plans.append(TensorPlan(name, kind, OutTensor(name, dtype, info.shape)))
     if not any(p.kind != COPY for p in plans):

@@ -10,6 +10,8 @@ apt_packages=()
 command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
 # WordNet's data files feed the merge-quality benchmark's smoke test (bench/quality).
 [ -f /usr/share/wordnet/data.verb ] || apt_packages+=(wordnet-base)
+# The quality benchmark's fortune_topic task (bench/quality) reads the fortune files.
+[ -f /usr/share/games/fortunes/art ] && [ -f /usr/share/games/fortunes/computers ] || apt_packages+=(fortunes fortunes-min)
 # Debian's python3 ships venv/ensurepip separately.
 "$PY" -c "import ensurepip, venv" >/dev/null 2>&1 || apt_packages+=(python3-venv)
 if [ ${#apt_packages[@]} -gt 0 ]; then

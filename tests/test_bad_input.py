@@ -14,7 +14,7 @@ from drmerge.errors import MergeError
 from drmerge.pipeline import run_merge, validate
 from drmerge.spec import load_spec_file, parse_spec
 
-from .factories import make_family, write_raw_safetensors
+from .factories import load_tensors, make_family, write_raw_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,25 @@ def test_missing_tensor_is_incompatible(family, tmp_path):
     bad = copy_with(models[0], str(tmp_path / "m"), lambda t: [t.pop(k) for k in sorted(t)[:7]])
     e = merge_error({"base_model": base, "models": [bad], "output": str(tmp_path / "o")})
     assert e.code == "incompatible_checkpoints" and "lacks 7 tensor(s)" in e.message and "and 2 more" in e.message
+
+
+def test_integer_buffer_only_in_the_reference_is_copied_with_a_warning(family, tmp_path):
+    """A base saved by an older transformers holds BERT's int64 ``embeddings.position_ids``
+    buffer that newer fine-tunes lack: it is copied from the base, not refused."""
+    base, models = family
+    buffer = torch.arange(64, dtype=torch.int64).unsqueeze(0)
+    with_buffer = copy_with(base, str(tmp_path / "base"), lambda t: t.__setitem__("embeddings.position_ids", buffer))
+    result = run_merge(parse_spec({"base_model": with_buffer, "models": models, "output": str(tmp_path / "o")}),
+                       device="cpu")
+    assert any("lacks 1 tensor(s) that are copied from the base" in w and "embeddings.position_ids" in w
+               for w in result.warnings), result.warnings
+    merged = load_tensors(str(tmp_path / "o"))
+    assert torch.equal(merged["embeddings.position_ids"], buffer)
+    # linear has no base: the first model is the reference the buffer is copied from
+    first = copy_with(models[0], str(tmp_path / "ft0"), lambda t: t.__setitem__("embeddings.position_ids", buffer))
+    run_merge(parse_spec({"method": "linear", "models": [first, models[1]], "output": str(tmp_path / "lin")}),
+              device="cpu")
+    assert torch.equal(load_tensors(str(tmp_path / "lin"))["embeddings.position_ids"], buffer)
 
 
 def test_shape_mismatch_is_incompatible(family, tmp_path):
