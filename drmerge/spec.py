@@ -289,8 +289,9 @@ def parse_spec(data, base_dir: str | None = None) -> MergeSpec:
     if data.get("base_model") is not None:
         kw["base_model"] = _uri(data["base_model"], "base_model", base_dir)
     elif kw["method"] != "linear" and data.get("output_format") != "adapter":
-        _fail("base_model", f"is required for method {kw['method']!r} (only 'linear' merges, and merges of "
-              "LoRA adapters into an adapter, work without a base)")
+        _fail("base_model", f"is required for method {kw['method']!r} with output_format 'full' (only method "
+              "'linear', and output_format 'adapter', which merges LoRA adapters into one adapter, work without "
+              "a base)")
     if "parameters" in data:
         kw["parameters"] = _parameters(data["parameters"] if data["parameters"] is not None else {})
     if "select" in data:
