@@ -115,3 +115,20 @@ def test_adapter_output_from_s3_adapters_without_base(service_stack, s3_client, 
     merged = model.merge_and_unload().state_dict()
     base = state(local["base"])
     assert sum(not torch.equal(merged[n], base[n]) for n in base) == 8
+
+
+def test_a_refused_adapter_fails_the_job_naming_adapter_and_module(service_stack, s3_client, s3_bucket, local,
+                                                                   uris, tmp_path):
+    """A DoRA adapter in S3: the job fails with invalid_spec, the message names the adapter
+    (its S3 location) and a module, and nothing is written."""
+    from tests.lora_helpers import edit_config
+    from tests.test_worker_merge import assert_failed
+
+    dora = make_adapter(local["base"], str(tmp_path / "dora"), seed=5, r=2, target_modules=["q_proj"])
+    edit_config(dora, use_dora=True)
+    dora_uri = upload_folder(s3_client, dora, s3_bucket, "in/dora")
+    spec = {"models": [{"model": uris["a1"]}, {"model": dora_uri}], "output_format": "adapter",
+            "output": f"s3://{s3_bucket}/merged/refused/"}
+    done = assert_failed(service_stack, s3_client, service_stack.submit(spec), "invalid_spec", "models[1].model")
+    message = done["error"]["message"]
+    assert "DoRA" in message and dora_uri in message and "model.layers.0.self_attn.q_proj" in message, message
