@@ -169,8 +169,8 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
     still reported through ``on_shard`` so an abandoned run's leftovers can be removed.
     """
     from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _finished_output, _preflight_output,
-                           _remove_empty_local_dir, _remove_stale_weights, keep_output_after_failure, plan_fingerprint,
-                           resolve_device)
+                           _remove_empty_local_dir, _remove_stale_weights, adapter_summary, keep_output_after_failure,
+                           plan_fingerprint, resolve_device)
 
     started = time.perf_counter()
     created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
@@ -266,6 +266,7 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
                              timings={k: round(v, 4) for k, v in timings.items()}, warnings=warnings, device=str(dev),
                              resumed={"shards_kept": 0, "tensors_skipped": 0} if completed_shards is not None else None)
         adapter = {"rank": rank, "energy_kept": kept_sum / total_sum if total_sum > 0 else 1.0, "modules": energy}
+        result.adapter = adapter_summary(adapter)
         marker = {"spec": spec.to_dict(), "engine": {"name": "drmerge", "version": __version__},
                   "created_at": created_at, "device": str(dev), "files": files, "tensors": len(planned),
                   "adapter": adapter, "timings": result.timings, "warnings": warnings}

@@ -65,6 +65,9 @@ def cmd_merge(args) -> int:
         print(f"merged {result.tensors} tensors with {spec.method} on {result.device} in {result.seconds:.1f}s")
         print(f"  read {result.bytes_read / 1e6:,.1f} MB, wrote {result.bytes_written / 1e6:,.1f} MB "
               f"in {len(result.files)} files")
+        if result.adapter:
+            print(f"  adapter: rank {result.adapter['rank']}, {100 * result.adapter['energy_kept']:.2f}% of the "
+                  "merged deltas' energy kept")
         print(f"  output: {result.output}")
     return 0
 

@@ -73,6 +73,7 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     device: str = "cpu"
     resumed: dict | None = None  # {"shards_kept", "tensors_skipped"} when a run resumed
+    adapter: dict | None = None  # adapter output: {"rank", "energy_kept"} (per module: drmerge.json)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -406,7 +407,15 @@ def _finished_output(spec: MergeSpec, out: Storage, dev) -> MergeResult | None:
     return MergeResult(output=spec.output, files=files, tensors=int(marker.get("tensors") or 0), bytes_read=0,
                        bytes_written=0, seconds=float(timings.get("total_s") or 0.0), timings=timings,
                        warnings=list(marker.get("warnings") or []), device=str(marker.get("device") or dev),
-                       resumed={"shards_kept": len(files), "tensors_skipped": int(marker.get("tensors") or 0)})
+                       resumed={"shards_kept": len(files), "tensors_skipped": int(marker.get("tensors") or 0)},
+                       adapter=adapter_summary(marker.get("adapter")))
+
+
+def adapter_summary(adapter: dict | None) -> dict | None:
+    """The part of drmerge.json's ``adapter`` record a result carries (not every module)."""
+    if not isinstance(adapter, dict):
+        return None
+    return {"rank": adapter.get("rank"), "energy_kept": adapter.get("energy_kept")}
 
 
 def discard_partial_output(spec: MergeSpec, shards: list[dict], s3_options: dict | None = None) -> list[str]:

@@ -117,6 +117,10 @@ class Result(BaseModel):
     bytes_read: int | None = None
     bytes_written: int | None = None
     seconds: float | None = None
+    adapter: dict[str, Any] | None = Field(None, description="`output_format: adapter` only: `rank` and "
+                                                             "`energy_kept` (the fraction of the merged deltas' "
+                                                             "squared norm the rank truncation kept; per module "
+                                                             "in the output's drmerge.json).")
 
 
 class WebhookOut(BaseModel):

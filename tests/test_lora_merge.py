@@ -153,7 +153,7 @@ def test_adapter_output_loads_in_peft_and_equals_merge(models, tmp_path, with_ba
 
 def test_adapter_output_truncated(models, tmp_path):
     out = str(tmp_path / "out")
-    merge({"models": models["adapters"], "output": out, "output_format": "adapter", "adapter_rank": 3,
+    result = merge({"models": models["adapters"], "output": out, "output_format": "adapter", "adapter_rank": 3,
            "method": "task_arithmetic"}, device="cpu")
     marker = json.load(open(os.path.join(out, "drmerge.json")))["adapter"]
     got = peft_merged(models["base"], out)
@@ -174,6 +174,7 @@ def test_adapter_output_truncated(models, tmp_path):
         kept_sum, total_sum = kept_sum + kept, total_sum + total
     assert marker["energy_kept"] == pytest.approx(kept_sum / total_sum, rel=1e-6)
     assert marker["energy_kept"] < 0.99
+    assert result.adapter == {"rank": 3, "energy_kept": marker["energy_kept"]}  # the summary a job result shows
 
 
 def test_cli_merges_adapters(models, tmp_path, capsys):
@@ -352,3 +353,4 @@ def test_adapter_output_service_hooks(models, tmp_path):
     assert all(e["plan"] for e in journal) and first.resumed == {"shards_kept": 0, "tensors_skipped": 0}
     again = run_merge(spec, device="cpu", completed_shards=journal)  # already complete: returned as is
     assert again.files == first.files and again.bytes_written == 0
+    assert again.adapter == first.adapter and first.adapter["rank"] == 15

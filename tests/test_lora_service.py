@@ -75,7 +75,7 @@ def test_full_output_from_s3_adapters(service_stack, s3_client, s3_bucket, local
     job = run_job(service_stack, spec)
     got_dir = download(s3_client, spec["output"], tmp_path / "got")
     check_result_files(s3_client, job, got_dir)
-    assert {"model.safetensors", "config.json"} <= set(os.listdir(got_dir))
+    assert {"model.safetensors", "config.json"} <= set(os.listdir(got_dir)) and job["result"]["adapter"] is None
     merge(local_spec(spec, local, uris, tmp_path / "want"), device="cpu")
     want = state(str(tmp_path / "want"))
     loaded = load_model(got_dir).state_dict()  # transformers loads it
@@ -110,6 +110,7 @@ def test_adapter_output_from_s3_adapters_without_base(service_stack, s3_client, 
     marker = json.load(open(os.path.join(got_dir, "drmerge.json")))
     assert marker["adapter"]["rank"] == 4 and 0 < marker["adapter"]["energy_kept"] <= 1
     assert len(marker["adapter"]["modules"]) == 8
+    assert job["result"]["adapter"] == {"rank": 4, "energy_kept": marker["adapter"]["energy_kept"]}
     # PEFT loads the downloaded adapter onto the base
     model = PeftModel.from_pretrained(load_model(local["base"]), got_dir)
     merged = model.merge_and_unload().state_dict()
