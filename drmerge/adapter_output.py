@@ -24,13 +24,13 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
 from . import __version__
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterReader, task_deltas
-from .checkpoint import CODE_OF, DTYPES, OutTensor, ShardWriter
+from .checkpoint import CODE_OF, DTYPES, OutTensor, ShardWriter, shard_header
 from .errors import Cancelled, Interrupted, MergeError
 from .methods import COPY
 from .methods.drm_lowrank import LowRank, dense_to_lowrank, mixed_merged_delta, truncated
@@ -112,6 +112,38 @@ def adapter_config(spec: MergeSpec, adapters: list[AdapterReader], modules: list
     }
 
 
+@dataclass
+class AdapterPlan:
+    """What an adapter output will hold, known before merging (``run_adapter_merge`` writes
+    it; ``pipeline.validate`` reports it)."""
+    modules: list[tuple]  # see _modules
+    rank: int  # the adapter's r
+    ranks: dict[str, int]  # PEFT module key -> its rank (below r only for a side shorter than r)
+    dtype: str  # safetensors dtype code of the factors
+    tensors: list[OutTensor]  # lora_A and lora_B of every module, in file order
+
+    @property
+    def weights_bytes(self) -> int:
+        """The size of ``adapter_model.safetensors``, header included."""
+        return len(shard_header(self.tensors)) + sum(t.nbytes for t in self.tensors)
+
+
+def plan_adapter_output(spec: MergeSpec, inputs) -> AdapterPlan:
+    modules = _modules(inputs)
+    if not modules:
+        raise MergeError("invalid_spec", "no adapted module is merged (select.ignore keeps all of them at the base)",
+                         param="select.ignore")
+    rank = output_rank(spec, inputs.adapters)
+    ranks = {key: min(rank, n_out, n_in) for _, key, n_out, n_in, _ in modules}
+    dtypes = {a.dtype for a in inputs.adapters}
+    code = CODE_OF[spec.dtype] if spec.dtype else (dtypes.pop() if len(dtypes) == 1 else "F32")
+    planned = []
+    for _, key, n_out, n_in, _ in modules:
+        planned.append(OutTensor(f"{PEFT_PREFIX}{key}.lora_A.weight", code, (ranks[key], n_in)))
+        planned.append(OutTensor(f"{PEFT_PREFIX}{key}.lora_B.weight", code, (n_out, ranks[key])))
+    return AdapterPlan(modules, rank, ranks, code, planned)
+
+
 def merged_module(inputs, tp, factors: list, device: torch.device, rank: int) -> tuple[LowRank, float, float]:
     """Rank-``rank`` factors of ``lam * D`` for one module (base orientation), with the
     energy kept and total."""
@@ -137,8 +169,8 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
     still reported through ``on_shard`` so an abandoned run's leftovers can be removed.
     """
     from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _finished_output, _preflight_output,
-                           _remove_empty_local_dir, _remove_stale_weights, keep_output_after_failure, plan_fingerprint,
-                           resolve_device)
+                           _remove_empty_local_dir, _remove_stale_weights, adapter_summary, keep_output_after_failure,
+                           plan_fingerprint, resolve_device)
 
     started = time.perf_counter()
     created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
@@ -175,19 +207,8 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
         warnings = list(inputs.plan.warnings)
         for warning in warnings:
             log.warning(warning)
-        modules = _modules(inputs)
-        if not modules:
-            raise MergeError("invalid_spec", "no adapted module is merged (select.ignore keeps all of them at the base)",
-                             param="select.ignore")
-        rank = output_rank(spec, inputs.adapters)
-        ranks = {key: min(rank, n_out, n_in) for _, key, n_out, n_in, _ in modules}
-        dtypes = {a.dtype for a in inputs.adapters}
-        code = CODE_OF[spec.dtype] if spec.dtype else (dtypes.pop() if len(dtypes) == 1 else "F32")
-        out_dtype = DTYPES[code][0]
-        planned = []
-        for _, key, n_out, n_in, _ in modules:
-            planned.append(OutTensor(f"{PEFT_PREFIX}{key}.lora_A.weight", code, (ranks[key], n_in)))
-            planned.append(OutTensor(f"{PEFT_PREFIX}{key}.lora_B.weight", code, (n_out, ranks[key])))
+        ap = plan_adapter_output(spec, inputs)
+        modules, rank, ranks, out_dtype, planned = ap.modules, ap.rank, ap.ranks, DTYPES[ap.dtype][0], ap.tensors
         timings["plan_s"] = time.perf_counter() - started
         state.tensors_total = len(modules)
         if spec.overwrite:
@@ -245,6 +266,7 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
                              timings={k: round(v, 4) for k, v in timings.items()}, warnings=warnings, device=str(dev),
                              resumed={"shards_kept": 0, "tensors_skipped": 0} if completed_shards is not None else None)
         adapter = {"rank": rank, "energy_kept": kept_sum / total_sum if total_sum > 0 else 1.0, "modules": energy}
+        result.adapter = adapter_summary(adapter)
         marker = {"spec": spec.to_dict(), "engine": {"name": "drmerge", "version": __version__},
                   "created_at": created_at, "device": str(dev), "files": files, "tensors": len(planned),
                   "adapter": adapter, "timings": result.timings, "warnings": warnings}

@@ -65,6 +65,9 @@ def cmd_merge(args) -> int:
         print(f"merged {result.tensors} tensors with {spec.method} on {result.device} in {result.seconds:.1f}s")
         print(f"  read {result.bytes_read / 1e6:,.1f} MB, wrote {result.bytes_written / 1e6:,.1f} MB "
               f"in {len(result.files)} files")
+        if result.adapter:
+            print(f"  adapter: rank {result.adapter['rank']}, {100 * result.adapter['energy_kept']:.2f}% of the "
+                  "merged deltas' energy kept")
         print(f"  output: {result.output}")
     return 0
 
@@ -80,9 +83,18 @@ def cmd_validate(args) -> int:
         for w in report["warnings"]:
             print(f"warning: {w}", file=sys.stderr)
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(report["kinds"].items()))
-        print(f"valid: {report['tensors']} tensors ({kinds}), {report['shards']} output shard(s), "
-              f"{report['output_bytes'] / 1e6:,.1f} MB out")
+        if report["output_format"] == "adapter":
+            print(f"valid: a rank-{report['adapter_rank']} LoRA adapter of {report['modules']} modules ({kinds}), "
+                  f"{report['tensors']} tensors, {_size(report['output_bytes'])} out")
+        else:
+            print(f"valid: {report['tensors']} tensors ({kinds}), {report['shards']} output shard(s), "
+                  f"{_size(report['output_bytes'])} out")
+        print(f"  files: {', '.join(report['files'])}")
     return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB"
 
 
 def build_parser() -> argparse.ArgumentParser:

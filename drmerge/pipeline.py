@@ -73,6 +73,7 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
     device: str = "cpu"
     resumed: dict | None = None  # {"shards_kept", "tensors_skipped"} when a run resumed
+    adapter: dict | None = None  # adapter output: {"rank", "energy_kept"} (per module: drmerge.json)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -418,7 +419,15 @@ def _finished_output(spec: MergeSpec, out: Storage, dev) -> MergeResult | None:
     return MergeResult(output=spec.output, files=files, tensors=int(marker.get("tensors") or 0), bytes_read=0,
                        bytes_written=0, seconds=float(timings.get("total_s") or 0.0), timings=timings,
                        warnings=list(marker.get("warnings") or []), device=str(marker.get("device") or dev),
-                       resumed={"shards_kept": len(files), "tensors_skipped": int(marker.get("tensors") or 0)})
+                       resumed={"shards_kept": len(files), "tensors_skipped": int(marker.get("tensors") or 0)},
+                       adapter=adapter_summary(marker.get("adapter")))
+
+
+def adapter_summary(adapter: dict | None) -> dict | None:
+    """The part of drmerge.json's ``adapter`` record a result carries (not every module)."""
+    if not isinstance(adapter, dict):
+        return None
+    return {"rank": adapter.get("rank"), "energy_kept": adapter.get("energy_kept")}
 
 
 def discard_partial_output(spec: MergeSpec, shards: list[dict], s3_options: dict | None = None) -> list[str]:
@@ -642,7 +651,10 @@ def _remove_empty_local_dir(out: Storage) -> None:
 
 
 def validate(spec: MergeSpec, s3_options: dict | None = None) -> dict:
-    """Check a spec and its checkpoints' compatibility without merging anything."""
+    """Check a spec and its checkpoints' compatibility without merging anything, and say
+    what the merge would write: ``files`` (weights first; ``drmerge.json`` comes last and
+    is not listed, as in a result), ``tensors`` and ``output_bytes`` (weight files,
+    headers included) of the output; for an adapter output, its modules and rank."""
     inputs = Inputs(spec, s3_options)
     try:
         out = open_storage(spec.output, s3_options)
@@ -651,10 +663,25 @@ def validate(spec: MergeSpec, s3_options: dict | None = None) -> dict:
         finally:
             out.close()
         plan = inputs.plan
-        kinds: dict[str, int] = {}
+        if spec.output_format == "adapter":
+            from .adapter_output import plan_adapter_output
+            from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+            ap = plan_adapter_output(spec, inputs)
+            kinds: dict[str, int] = {}
+            for tp, *_ in ap.modules:
+                kinds[tp.kind] = kinds.get(tp.kind, 0) + 1
+            return {"output_format": "adapter", "tensors": len(ap.tensors), "modules": len(ap.modules),
+                    "adapter_rank": ap.rank, "kinds": kinds, "shards": 1, "files": [ADAPTER_WEIGHTS, ADAPTER_CONFIG],
+                    "output_bytes": ap.weights_bytes, "warnings": plan.warnings}
+        kinds = {}
         for tp in plan.tensors:
             kinds[tp.kind] = kinds.get(tp.kind, 0) + 1
-        return {"tensors": len(plan.tensors), "kinds": kinds, "shards": len(plan.shards),
-                "output_bytes": sum(t.out.nbytes for t in plan.tensors), "warnings": plan.warnings}
+        files = shard_names(len(plan.shards)) + ([INDEX_FILE] if len(plan.shards) > 1 else [])
+        files += inputs.reference.small_files()
+        return {"output_format": "full", "tensors": len(plan.tensors), "kinds": kinds, "shards": len(plan.shards),
+                "files": files,
+                "output_bytes": sum(len(shard_header(shard)) + sum(t.nbytes for t in shard) for shard in plan.shards),
+                "warnings": plan.warnings}
     finally:
         inputs.close()

@@ -286,11 +286,14 @@ def parse_spec(data, base_dir: str | None = None) -> MergeSpec:
             _fail(required, "is required")
     kw: dict = {"models": _models(data["models"], base_dir), "output": _uri(data["output"], "output", base_dir)}
     kw["method"] = _choice(data.get("method", "drm"), METHODS, "method")
+    if "output_format" in data:  # before base_model, whose requirement depends on it
+        kw["output_format"] = _choice(data["output_format"], OUTPUT_FORMATS, "output_format")
     if data.get("base_model") is not None:
         kw["base_model"] = _uri(data["base_model"], "base_model", base_dir)
-    elif kw["method"] != "linear" and data.get("output_format") != "adapter":
-        _fail("base_model", f"is required for method {kw['method']!r} (only 'linear' merges, and merges of "
-              "LoRA adapters into an adapter, work without a base)")
+    elif kw["method"] != "linear" and kw.get("output_format") != "adapter":
+        _fail("base_model", f"is required for method {kw['method']!r} with output_format 'full' (only method "
+              "'linear', and output_format 'adapter', which merges LoRA adapters into one adapter, work without "
+              "a base)")
     if "parameters" in data:
         kw["parameters"] = _parameters(data["parameters"] if data["parameters"] is not None else {})
     if "select" in data:
@@ -303,8 +306,6 @@ def parse_spec(data, base_dir: str | None = None) -> MergeSpec:
         kw["shard_size"] = parse_size(data["shard_size"])
     if "overwrite" in data:
         kw["overwrite"] = _bool(data["overwrite"], "overwrite")
-    if "output_format" in data:
-        kw["output_format"] = _choice(data["output_format"], OUTPUT_FORMATS, "output_format")
     if data.get("adapter_rank") is not None:
         r = data["adapter_rank"]
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 65536:

@@ -27,8 +27,14 @@ def _spec_schema() -> dict:
                 "items": {"type": "string", "maxLength": s.MAX_PATTERN_LENGTH}}
     return {
         "type": "object", "additionalProperties": False, "required": ["models", "output"],
+        # base_model is required unless method is linear or output_format is adapter (spec.parse_spec)
+        "anyOf": [{"required": ["base_model"]},
+                  {"required": ["method"], "properties": {"method": {"const": "linear"}}},
+                  {"required": ["output_format"], "properties": {"output_format": {"const": "adapter"}}}],
         "properties": {
-            "base_model": {**location, "description": "The pre-trained model (required except for `linear`)."},
+            "base_model": {**location, "description": "The pre-trained model. Required, except for method `linear` "
+                                                      "and for `output_format: adapter` (LoRA adapters merged into "
+                                                      "one adapter: the base then only gives tensor shapes)."},
             "models": {"type": "array", "minItems": 1, "maxItems": 16, "items": {"anyOf": [location, {
                 "type": "object", "additionalProperties": False, "required": ["model"],
                 "properties": {"model": location, "weight": {"type": "number"}}}]}},
@@ -44,8 +50,12 @@ def _spec_schema() -> dict:
             "dtype": {"enum": list(s.DTYPES)},
             "shard_size": {"anyOf": [{"type": "integer", "minimum": 1024}, {"type": "string", "maxLength": 32}]},
             "overwrite": {"type": "boolean"},
-            "output_format": {"enum": list(s.OUTPUT_FORMATS)},
-            "adapter_rank": {"type": "integer", "minimum": 1, "maximum": 65536},
+            "output_format": {"enum": list(s.OUTPUT_FORMATS), "default": "full",
+                              "description": "`full`: a checkpoint (needs `base_model`); `adapter`: one PEFT LoRA "
+                                             "adapter (every model must be a LoRA adapter)."},
+            "adapter_rank": {"type": "integer", "minimum": 1, "maximum": 65536,
+                             "description": "Rank of the merged adapter (`output_format: adapter` only; default: "
+                                            "the sum of the input ranks, at most 64)."},
             "output": {**location, "description": "Where the merged checkpoint goes (must not exist, unless "
                                                   "`overwrite`)."},
         },
@@ -107,6 +117,10 @@ class Result(BaseModel):
     bytes_read: int | None = None
     bytes_written: int | None = None
     seconds: float | None = None
+    adapter: dict[str, Any] | None = Field(None, description="`output_format: adapter` only: `rank` and "
+                                                             "`energy_kept` (the fraction of the merged deltas' "
+                                                             "squared norm the rank truncation kept; per module "
+                                                             "in the output's drmerge.json).")
 
 
 class WebhookOut(BaseModel):

@@ -153,7 +153,7 @@ def test_adapter_output_loads_in_peft_and_equals_merge(models, tmp_path, with_ba
 
 def test_adapter_output_truncated(models, tmp_path):
     out = str(tmp_path / "out")
-    merge({"models": models["adapters"], "output": out, "output_format": "adapter", "adapter_rank": 3,
+    result = merge({"models": models["adapters"], "output": out, "output_format": "adapter", "adapter_rank": 3,
            "method": "task_arithmetic"}, device="cpu")
     marker = json.load(open(os.path.join(out, "drmerge.json")))["adapter"]
     got = peft_merged(models["base"], out)
@@ -174,6 +174,7 @@ def test_adapter_output_truncated(models, tmp_path):
         kept_sum, total_sum = kept_sum + kept, total_sum + total
     assert marker["energy_kept"] == pytest.approx(kept_sum / total_sum, rel=1e-6)
     assert marker["energy_kept"] < 0.99
+    assert result.adapter == {"rank": 3, "energy_kept": marker["energy_kept"]}  # the summary a job result shows
 
 
 def test_cli_merges_adapters(models, tmp_path, capsys):
@@ -181,11 +182,44 @@ def test_cli_merges_adapters(models, tmp_path, capsys):
     spec.write_text(f"base_model: {models['base']}\nmodels:\n"
                     + "".join(f"  - model: {a}\n" for a in models["adapters"])
                     + f"output: {tmp_path / 'out'}\noutput_format: adapter\nadapter_rank: 8\n")
+    assert cli_main(["validate", str(spec)]) == 0
+    text = capsys.readouterr().out
+    assert "rank-8 LoRA adapter of 14 modules (14 matrix), 28 tensors" in text
+    assert "files: adapter_model.safetensors, adapter_config.json" in text
     assert cli_main(["validate", str(spec), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert cli_main(["merge", str(spec), "--json", "--device", "cpu"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["tensors"] == 28  # lora_A + lora_B for 14 modules
+    assert summary["tensors"] == report["tensors"] == 28  # lora_A + lora_B for 14 modules
+    assert report["files"] == [f["name"] for f in summary["files"]]
+    assert report["output_bytes"] == os.path.getsize(tmp_path / "out" / "adapter_model.safetensors")
     assert json.load(open(tmp_path / "out" / "adapter_config.json"))["r"] == 8
+
+
+@pytest.mark.parametrize("output_format, with_base", [("full", True), ("adapter", True), ("adapter", False)])
+def test_validate_reports_what_merge_writes(models, tmp_path, output_format, with_base):
+    """``validate`` describes the output the merge then writes: files, tensor count, bytes
+    (an adapter output is a few small factors, not the full model's size)."""
+    from drmerge.pipeline import validate
+    from drmerge.spec import parse_spec
+
+    out = tmp_path / "out"
+    spec = {"models": models["adapters"], "output": str(out), "output_format": output_format, "shard_size": "200kB"}
+    if with_base:
+        spec["base_model"] = models["base"]
+    report = validate(parse_spec(spec))
+    assert not out.exists()
+    result = merge(spec, device="cpu")
+    assert report["output_format"] == output_format
+    assert report["files"] == [f["name"] for f in result.files]
+    assert report["tensors"] == result.tensors
+    weights = [f for f in result.files if f["name"].endswith(".safetensors")]
+    assert report["output_bytes"] == sum(f["size"] for f in weights)
+    if output_format == "adapter":
+        assert report["tensors"] == 28 and report["modules"] == 14 and report["adapter_rank"] == 15
+        assert report["output_bytes"] < os.path.getsize(os.path.join(models["base"], "model.safetensors")) / 2
+    else:
+        assert report["shards"] == len(weights) > 1
 
 
 def test_adapter_output_equals_full_output_when_lossless(models, tmp_path):
@@ -319,3 +353,4 @@ def test_adapter_output_service_hooks(models, tmp_path):
     assert all(e["plan"] for e in journal) and first.resumed == {"shards_kept": 0, "tensors_skipped": 0}
     again = run_merge(spec, device="cpu", completed_shards=journal)  # already complete: returned as is
     assert again.files == first.files and again.bytes_written == 0
+    assert again.adapter == first.adapter and first.adapter["rank"] == 15

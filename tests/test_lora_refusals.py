@@ -161,6 +161,9 @@ def test_full_output_needs_the_base(env, tmp_path):
         parse_spec({"models": [env["good"]], "output": str(tmp_path / "out")})
     # ...but an adapter output does not.
     parse_spec({"models": [env["good"]], "output": str(tmp_path / "out"), "output_format": "adapter"})
+    with pytest.raises(MergeError) as e:  # a misspelt output_format is named as such, not as a missing base
+        parse_spec({"models": [env["good"]], "output": str(tmp_path / "out"), "output_format": "adaptor"})
+    assert e.value.param == "output_format"
 
 
 def test_adapter_rank_only_with_adapter_output(tmp_path):

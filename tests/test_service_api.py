@@ -81,6 +81,33 @@ def test_invalid_specs_are_422_invalid_spec_with_param(idle_stack, body, param):
     assert_problem(idle_stack.http.post("/v1/merges", json=body), 422, "invalid_spec", param)
 
 
+def test_base_model_is_optional_only_for_linear_and_adapter_output(idle_stack):
+    """The engine's rule (spec.parse_spec), over HTTP: an adapter output (LoRA adapters
+    merged into one adapter) needs no base; a full-output DRM merge does."""
+    no_base = {k: v for k, v in spec().items() if k != "base_model"}
+    job = idle_stack.submit(dict(no_base, output_format="adapter", adapter_rank=16))
+    assert job["status"] == "queued" and job["spec"]["base_model"] is None
+    assert job["spec"]["output_format"] == "adapter" and job["spec"]["adapter_rank"] == 16
+    job = idle_stack.submit(dict(no_base, method="linear", output=f"s3://bkt-models/out/{uuid.uuid4().hex}/"))
+    assert job["spec"]["base_model"] is None
+    for body in (no_base, dict(no_base, output_format="full"), dict(no_base, method="ties")):
+        problem = assert_problem(idle_stack.http.post("/v1/merges", json={"spec": body}), 422, "invalid_spec",
+                                 "spec.base_model")
+        assert problem["detail"].startswith("base_model: is required for method") and "adapter" in problem["detail"]
+
+
+def test_openapi_spec_schema_agrees_on_base_model(idle_stack):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = idle_stack.http.get("/openapi.json").json()["components"]["schemas"]["MergeRequest"]["properties"]["spec"]
+    assert "output_format: adapter" in schema["properties"]["base_model"]["description"]
+    no_base = {k: v for k, v in spec().items() if k != "base_model"}
+    for ok in (spec(), dict(no_base, output_format="adapter"), dict(no_base, method="linear")):
+        jsonschema.validate(ok, schema)
+    for bad in (no_base, dict(no_base, output_format="full")):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
 @pytest.mark.parametrize("body, param", [
     ({"spec": spec(), "extra": True}, "extra"),
     ({"spec": spec(), "metadata": {"n": 1}}, "metadata.n"),
