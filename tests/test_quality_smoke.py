@@ -41,7 +41,8 @@ def smoke(tmp_path_factory):
     from bench.quality.run import main
 
     root = tmp_path_factory.mktemp("quality")
-    results = main(["--smoke", "--work", str(root / "work"), "--out", str(root / "out")])
+    # Two seeds: seed 0 runs the (one-point) grids, seed 1 reuses its choices, as the full run does.
+    results = main(["--smoke", "--seeds", "0", "1", "--work", str(root / "work"), "--out", str(root / "out")])
     return root, results
 
 
@@ -74,6 +75,11 @@ def test_smoke_results_are_complete_and_in_range(smoke):
     assert seed["rows"]["ties"]["params"]["density"] == 0.5
     # Seven distinct merges went through the engine (5 methods/directions + 2 ablations).
     assert seed["merges"] == 7
+    assert seed["tuned"] is True and on_disk["meta"]["tune_seed"] == 0
+    second = on_disk["seeds"][1]
+    assert second["seed"] == 1 and second["tuned"] is False and second["merges"] == 7
+    assert {f: r.get("params") for f, r in second["rows"].items()} == {f: r.get("params") for f, r in seed["rows"].items()}
+    assert len(agg["drm_h"]["avg_normalized"]["values"]) == 2
     assert on_disk["meta"]["smoke"] is True
 
 

