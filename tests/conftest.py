@@ -7,6 +7,8 @@ variables): a test that wants them passes ``s3_server.s3_options()`` or
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from tests.servers import BucketSupply, start_redis, start_seaweedfs
@@ -124,6 +126,25 @@ class ServiceStack:
             return "(no worker)"
         with open(path, "rb") as f:
             return f.read()[-n:].decode("utf-8", "replace")
+
+
+@pytest.fixture
+def store(redis_server):
+    """A JobStore on the session's Redis under a fresh key prefix, emptied afterwards."""
+    from service.jobstore import JobStore
+
+    s = JobStore.from_url(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    yield s
+    for key in s.r.scan_iter(f"{s.p}:*"):
+        s.r.delete(key)
+    s.r.close()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, s3_server):
+    """Credentials reach the engine the way they do on a real worker: AWS_* variables."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
 
 
 def _make_stack(redis_server, s3_server, log_dir, *, with_worker: bool, **overrides):

@@ -10,16 +10,7 @@ import uuid
 import pytest
 
 from service.jobstore import (STATUSES, TERMINAL, TRANSITIONS, IdempotencyConflict, IllegalTransition, JobNotFound,
-                              JobStore, OutputBusy, StaleAttempt, is_job_id, new_job_id)
-
-
-@pytest.fixture
-def store(redis_server):
-    s = JobStore.from_url(redis_server.url, prefix=f"js{uuid.uuid4().hex[:8]}")
-    yield s
-    for key in s.r.scan_iter(f"{s.p}:*"):
-        s.r.delete(key)
-    s.r.close()
+                              OutputBusy, StaleAttempt, is_job_id, new_job_id)
 
 
 def new(store, output=None, **kw):

@@ -138,18 +138,6 @@ def test_unresolvable_hosts_are_refused_at_submit():
 
 
 @pytest.fixture
-def store(redis_server):
-    import uuid
-
-    from service.jobstore import JobStore
-
-    s = JobStore.from_url(redis_server.url, prefix=f"ng{uuid.uuid4().hex[:8]}")
-    yield s
-    for key in s.r.scan_iter(f"{s.p}:*"):
-        s.r.delete(key)
-
-
-@pytest.fixture
 def receiver():
     r = Receiver()
     yield r

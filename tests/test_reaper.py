@@ -10,26 +10,13 @@ import uuid
 
 import pytest
 
-from service.jobstore import JobStore
 from service.reaper import Reaper
 from service.settings import Settings
 from tests.conftest import list_keys
 from worker.runner import JobRunner
 
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch, s3_server):
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-
-
-@pytest.fixture
-def store(redis_server):
-    s = JobStore.from_url(redis_server.url, prefix=f"rp{uuid.uuid4().hex[:8]}")
-    yield s
-    for key in s.r.scan_iter(f"{s.p}:*"):
-        s.r.delete(key)
-    s.r.close()
+# Credentials reach the engine the way they do on a real worker: AWS_* variables.
+pytestmark = pytest.mark.usefixtures("aws_env")
 
 
 def settings(s3_server, **kw) -> Settings:

@@ -11,7 +11,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from service.jobstore import JobStore
 from service.settings import Settings
 from service.webhooks import WebhookDeliverer, backoff_delay, check_url, sign, signing_key, verify
 
@@ -57,14 +56,6 @@ def receiver():
     r = Receiver()
     yield r
     r.close()
-
-
-@pytest.fixture
-def store(redis_server):
-    s = JobStore.from_url(redis_server.url, prefix=f"wh{uuid.uuid4().hex[:8]}")
-    yield s
-    for key in s.r.scan_iter(f"{s.p}:*"):
-        s.r.delete(key)
 
 
 def settings(**kw) -> Settings:
