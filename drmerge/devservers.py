@@ -97,7 +97,7 @@ def find_binary(name: str) -> str | None:
     return found
 
 
-def _tail(path: str, limit: int = 4000) -> str:
+def log_tail(path: str, limit: int = 4000) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -136,7 +136,7 @@ class _ServerProcess:
         return self.process.poll() is None
 
     def log_tail(self, limit: int = 4000) -> str:
-        return _tail(self.log_path, limit)
+        return log_tail(self.log_path, limit)
 
     def _fail(self, why: str) -> ServerStartError:
         self.stop(kill=True)

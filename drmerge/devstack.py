@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from .devservers import log_tail
+
 STATE_FILE = "state.json"
 DEMO_BUCKET = "drmerge-demo"
 
@@ -54,16 +56,6 @@ def _spawn(argv: list[str], env: dict, log_path: str, cwd: str | None = None) ->
         return subprocess.Popen(argv, env=full_env, cwd=cwd or os.path.dirname(os.path.abspath(log_path)),
                                 stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _tail(path: str, n: int = 3000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - n))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return "(no log)"
 
 
 def stop_process(proc_or_pid, timeout: float = 15.0) -> None:
@@ -148,9 +140,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
         except httpx.HTTPError:
             pass
         if proc is not None and proc.poll() is not None:
-            raise StackError(f"process exited with {proc.returncode} before {url} answered\n{_tail(log_path or '')}")
+            raise StackError(f"process exited with {proc.returncode} before {url} answered\n{log_tail(log_path or '')}")
         if time.monotonic() > deadline:
-            raise StackError(f"{url} did not answer within {timeout:.0f}s\n{_tail(log_path or '')}")
+            raise StackError(f"{url} did not answer within {timeout:.0f}s\n{log_tail(log_path or '')}")
         time.sleep(0.1)
 
 
@@ -179,9 +171,9 @@ def start_worker(env: dict, name: str, log_path: str, timeout: float = 90.0) -> 
     try:
         while r.zscore(f"{prefix}:workers", name) is None:
             if proc.poll() is not None:
-                raise StackError(f"worker exited with {proc.returncode} before its first heartbeat\n{_tail(log_path)}")
+                raise StackError(f"worker exited with {proc.returncode} before its first heartbeat\n{log_tail(log_path)}")
             if time.monotonic() > deadline:
-                raise StackError(f"worker sent no heartbeat within {timeout:.0f}s\n{_tail(log_path)}")
+                raise StackError(f"worker sent no heartbeat within {timeout:.0f}s\n{log_tail(log_path)}")
             time.sleep(0.1)
     except BaseException:
         stop_process(proc, 5)
