@@ -28,10 +28,14 @@ class TopMask:
 
     @classmethod
     def of(cls, t: torch.Tensor, fraction: float) -> "TopMask":
-        mags = t.reshape(-1).abs()
+        return cls.of_magnitudes(t.reshape(-1).abs(), fraction)
+
+    @classmethod
+    def of_magnitudes(cls, mags: torch.Tensor, fraction: float) -> "TopMask":
+        """The mask of a flat tensor of magnitudes (``abs()`` of the values)."""
         k = max(1, int(fraction * mags.numel()))
-        threshold = torch.kthvalue(mags, mags.numel() - k + 1).values  # the k-th largest
-        return cls(threshold, k - int((mags > threshold).sum()))
+        threshold, greater = kth_largest(mags, k)
+        return cls(threshold, k - greater)
 
     def chunk(self, mags: torch.Tensor, ties_before: int) -> torch.Tensor:
         """Mask of a flat chunk of magnitudes; ``ties_before``: entries equal to the
@@ -45,6 +49,37 @@ class TopMask:
 
     def count_ties(self, mags: torch.Tensor) -> int:
         return int((mags == self.threshold).sum())
+
+
+# Below this many entries a plain ``kthvalue`` is as fast as the radix select.
+RADIX_MIN = 1 << 16
+_FINITE_LIMIT = 0x7F80  # high 16 bits of float32 +inf: buckets from here on hold inf and NaN
+
+
+def kth_largest(mags: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The k-th largest entry of a flat tensor of magnitudes (>= 0, 1 <= k <= numel) and
+    how many entries are larger: exactly what ``kthvalue`` gives, computed faster.
+
+    float32 on the CPU: a radix select. Non-negative floats order like their bit
+    patterns, so one histogram of the high 16 bits (``bincount``) finds the bucket that
+    holds the k-th largest, and ``kthvalue`` runs only on that bucket's entries (about
+    two passes over the data instead of a copy plus a quickselect over all of it, which
+    ``kthvalue`` alone does single-threaded). Any other case, or magnitudes holding
+    inf/NaN, uses ``kthvalue`` on everything.
+    """
+    n = mags.numel()
+    if mags.dtype == torch.float32 and mags.device.type == "cpu" and n >= RADIX_MIN and mags.is_contiguous():
+        hi = mags.view(torch.int32) >> 16
+        cum = torch.bincount(hi, minlength=1 << 15).cumsum(0)
+        idx = n - k  # 0-based ascending position of the k-th largest
+        if int(cum[_FINITE_LIMIT - 1]) == n:  # no inf/NaN (kthvalue orders NaN its own way)
+            b = int(torch.searchsorted(cum, torch.tensor(idx, dtype=cum.dtype), right=True))
+            below = int(cum[b - 1]) if b else 0
+            bucket = mags[hi == b]
+            threshold = torch.kthvalue(bucket, idx - below + 1).values
+            return threshold, n - int(cum[b]) + int((bucket > threshold).sum())
+    threshold = torch.kthvalue(mags, n - k + 1).values
+    return threshold, int((mags > threshold).sum())
 
 
 def elect_signs(stack: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
