@@ -21,6 +21,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -179,13 +180,18 @@ class LazyTensor:
 
 
 def _check_finite(spec: MergeSpec, name: str, base, tensors) -> None:
-    # One pass over the stack in the common case; per input only to name the culprit.
-    if (base is None or bool(torch.isfinite(base).all())) and bool(torch.isfinite(tensors).all()):
+    # One sum over the stack in the common case (an inf or NaN entry makes it non-finite;
+    # an overflowing sum only sends us to the exact check); per input only to name the culprit.
+    if (base is None or _sum_finite(base)) and _sum_finite(tensors):
         return
     for label, t in ([("base_model", base)] if base is not None else []) + [
             (f"models[{i}] ({m.model})", x) for i, (m, x) in enumerate(zip(spec.models, tensors))]:
         if not bool(torch.isfinite(t).all()):
             raise MergeError("non_finite_weights", f"{label} has NaN or Inf values in tensor {name!r}", param=label.split(" ")[0])
+
+
+def _sum_finite(t: torch.Tensor) -> bool:
+    return math.isfinite(float(t.sum()))
 
 
 def merge_one(inputs: Inputs, tp: TensorPlan, base: torch.Tensor | None, tensors: list[torch.Tensor],

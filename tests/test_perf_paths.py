@@ -183,8 +183,10 @@ def test_kth_largest_equals_kthvalue(monkeypatch, radix_min):
             if k < 1:
                 continue
             want = torch.kthvalue(mags, n - k + 1).values
-            threshold, greater = kth_largest(mags, k)
+            threshold, greater, last_tie = kth_largest(mags, k)
             assert torch.equal(threshold, want) and greater == int((mags > want).sum()), (n, k)
+            ties = (mags == want).nonzero().reshape(-1)
+            assert last_tie == int(ties[k - greater - 1]), (n, k)  # keeps exactly k, lowest index first
 
 
 def test_kth_largest_with_non_finite_falls_back_to_kthvalue():
@@ -192,7 +194,7 @@ def test_kth_largest_with_non_finite_falls_back_to_kthvalue():
     mags[7], mags[9] = float("inf"), float("nan")
     for k in (1, 2, 3, 50_000):
         want = torch.kthvalue(mags, mags.numel() - k + 1).values
-        threshold, greater = kth_largest(mags, k)
+        threshold, greater, _ = kth_largest(mags, k)
         assert torch.equal(threshold, want) or (threshold.isnan() and want.isnan())
         assert greater == int((mags > want).sum())
 

@@ -21,10 +21,11 @@ def keep_top_magnitudes(t: torch.Tensor, fraction: float) -> torch.Tensor:
 
 class TopMask:
     """The keep-mask of ``keep_top_magnitudes``, applicable chunk by chunk: everything
-    above the k-th largest magnitude, plus the first ``ties`` entries equal to it."""
+    above the k-th largest magnitude ``threshold``, plus the entries equal to it up to flat
+    index ``last_tie`` (the lowest-index ones, as many as k needs)."""
 
-    def __init__(self, threshold: torch.Tensor, ties: int):
-        self.threshold, self.ties = threshold, ties
+    def __init__(self, threshold: torch.Tensor, last_tie: int):
+        self.threshold, self.last_tie = threshold, last_tie
 
     @classmethod
     def of(cls, t: torch.Tensor, fraction: float) -> "TopMask":
@@ -34,21 +35,19 @@ class TopMask:
     def of_magnitudes(cls, mags: torch.Tensor, fraction: float) -> "TopMask":
         """The mask of a flat tensor of magnitudes (``abs()`` of the values)."""
         k = max(1, int(fraction * mags.numel()))
-        threshold, greater = kth_largest(mags, k)
-        return cls(threshold, k - greater)
+        threshold, _, last_tie = kth_largest(mags, k)
+        return cls(threshold, last_tie)
 
-    def chunk(self, mags: torch.Tensor, ties_before: int) -> torch.Tensor:
-        """Mask of a flat chunk of magnitudes; ``ties_before``: entries equal to the
-        threshold in the chunks before it (see ``count_ties``)."""
-        keep = mags > self.threshold
-        if self.ties > ties_before:
+    def chunk(self, mags: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask (bool) of the flat chunk of magnitudes that starts at flat index ``start``."""
+        keep = mags > self.threshold if out is None else torch.gt(mags, self.threshold, out=out)
+        if start <= self.last_tie:
             equal = mags == self.threshold
-            rank = torch.cumsum(equal, 0) + ties_before  # 1-based rank among tied entries
-            keep |= equal & (rank <= self.ties)
+            cut = self.last_tie + 1 - start
+            if cut < equal.numel():
+                equal[cut:] = False
+            keep |= equal
         return keep
-
-    def count_ties(self, mags: torch.Tensor) -> int:
-        return int((mags == self.threshold).sum())
 
 
 # Below this many entries a plain ``kthvalue`` is as fast as the radix select.
@@ -56,9 +55,11 @@ RADIX_MIN = 1 << 16
 _FINITE_LIMIT = 0x7F80  # high 16 bits of float32 +inf: buckets from here on hold inf and NaN
 
 
-def kth_largest(mags: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """The k-th largest entry of a flat tensor of magnitudes (>= 0, 1 <= k <= numel) and
-    how many entries are larger: exactly what ``kthvalue`` gives, computed faster.
+def kth_largest(mags: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """The k-th largest entry of a flat tensor of magnitudes (>= 0, 1 <= k <= numel), how
+    many entries are larger, and the flat index of the ``k - larger``-th entry equal to it
+    (so keeping the larger ones and the equal ones up to that index keeps exactly k):
+    the value and count ``kthvalue`` gives, computed faster.
 
     float32 on the CPU: a radix select. Non-negative floats order like their bit
     patterns, so one histogram of the high 16 bits (``bincount``) finds the bucket that
@@ -75,11 +76,17 @@ def kth_largest(mags: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
         if int(cum[_FINITE_LIMIT - 1]) == n:  # no inf/NaN (kthvalue orders NaN its own way)
             b = int(torch.searchsorted(cum, torch.tensor(idx, dtype=cum.dtype), right=True))
             below = int(cum[b - 1]) if b else 0
-            bucket = mags[hi == b]
+            where = (hi == b).nonzero().reshape(-1)  # ascending flat indexes of the bucket
+            del hi
+            bucket = mags[where]
             threshold = torch.kthvalue(bucket, idx - below + 1).values
-            return threshold, n - int(cum[b]) + int((bucket > threshold).sum())
+            greater = n - int(cum[b]) + int((bucket > threshold).sum())
+            equal = where[bucket == threshold]
+            return threshold, greater, int(equal[k - greater - 1])
     threshold = torch.kthvalue(mags, n - k + 1).values
-    return threshold, int((mags > threshold).sum())
+    greater = int((mags > threshold).sum())
+    equal = (mags == threshold).nonzero().reshape(-1)  # empty for a NaN threshold: no tie kept
+    return threshold, greater, int(equal[min(k - greater, equal.numel()) - 1]) if equal.numel() else -1
 
 
 def elect_signs(stack: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
