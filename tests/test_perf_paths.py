@@ -233,3 +233,16 @@ def test_fast_ties_sign_fallback_minus_one_with_unit_weights():
                                 device=torch.device("cpu"), out_dtype=torch.float32, chunk=chunk)
         assert torch.equal(got, want)
         assert got[0] == -1 and got[2] == -2  # zero-sum entries took the -1 fallback: negatives kept
+
+
+@pytest.mark.parametrize("direction", ["vertical", "horizontal"])
+def test_cpu_eigensolvers_agree(monkeypatch, direction):
+    # numpy's LAPACK (the CPU default) and torch's give the same merge (sign-invariant).
+    deltas = structured(6, 96, 160, seed=11)
+    p = replace(Parameters(), direction=direction)
+    got = {}
+    for solver in ("numpy", "torch"):
+        monkeypatch.setattr(drm, "CPU_EIGH", solver)
+        got[solver] = drm_matrix_delta(deltas, torch.ones(6), p)
+    assert rel(got["numpy"], got["torch"].double()) < 1e-6
+    assert rel(got["numpy"], f64_drm(deltas, direction)) < 1e-5
