@@ -133,8 +133,9 @@ def test_shape_mismatch_is_incompatible(family, tmp_path):
     assert e.code == "incompatible_checkpoints" and name in e.message and "[3, 3]" in e.message
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_weights(family, tmp_path, value):
+@pytest.mark.parametrize("method", ["drm", "ties", "task_arithmetic"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights(family, tmp_path, value, method):
     base, models = family
     name = "encoder.layer.1.intermediate.dense.weight"
 
@@ -143,8 +144,23 @@ def test_non_finite_weights(family, tmp_path, value):
         t[name][0, 0] = value
 
     bad = copy_with(models[1], str(tmp_path / "m"), poison)
-    e = merge_error({"base_model": base, "models": [models[0], bad], "output": str(tmp_path / "o"), "shard_size": "10KB"})
+    e = merge_error({"base_model": base, "models": [models[0], bad], "output": str(tmp_path / "o"),
+                     "shard_size": "10KB", "method": method})
     assert e.code == "non_finite_weights" and name in e.message and "models[1]" in e.message
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_non_finite_base_is_named(family, tmp_path, method):
+    base, models = family
+    name = "encoder.layer.0.attention.self.query.bias"
+
+    def poison(t):
+        t[name] = t[name].clone()
+        t[name][3] = float("inf")
+
+    bad = copy_with(base, str(tmp_path / "b"), poison)
+    e = merge_error({"base_model": bad, "models": models, "output": str(tmp_path / "o"), "method": method})
+    assert e.code == "non_finite_weights" and name in e.message and "base_model" in e.message
 
 
 def test_extra_tensors_are_reported_not_merged(family, tmp_path):

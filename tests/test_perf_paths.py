@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from drmerge.methods import MATRIX, VECTOR, merge_tensor
-from drmerge.methods.common import keep_top_magnitudes
+from drmerge.methods import common
+from drmerge.methods.common import keep_top_magnitudes, kth_largest
 from drmerge.methods import drm
 from drmerge.methods.drm import drm_matrix_delta
 from drmerge.methods.elementwise import merge_elementwise
@@ -159,3 +160,89 @@ def test_lazy_chunked_reads_give_the_same_checkpoint(tmp_path, monkeypatch, meth
     assert whole.keys() == lazy.keys()
     for name in whole:
         assert torch.equal(whole[name], lazy[name]), name
+
+
+def _bf16_family(t, n, seed, scale=1e-3):
+    """A bfloat16 base and ``t`` bfloat16 fine-tunes: deltas take few distinct values (ties)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    return base, [(base.float() + torch.randn(n, generator=g) * scale).to(torch.bfloat16) for _ in range(t)]
+
+
+@pytest.mark.parametrize("radix_min", [0, 1 << 16])
+def test_kth_largest_equals_kthvalue(monkeypatch, radix_min):
+    monkeypatch.setattr(common, "RADIX_MIN", radix_min)
+    g = torch.Generator().manual_seed(3)
+    base, models = _bf16_family(2, 200_000, seed=4)
+    cases = [(models[0].float() - base.float()).abs(),  # bf16 differences: thousands of ties
+             torch.randn(100_000, generator=g).abs(), torch.zeros(70_000), torch.full((70_000,), 0.25),
+             torch.cat([torch.zeros(50_000), torch.rand(30_000, generator=g)]), torch.rand(5, generator=g)]
+    for mags in cases:
+        n = mags.numel()
+        for k in sorted({1, 2, n // 5, n // 2, n - 1, n}):
+            if k < 1:
+                continue
+            want = torch.kthvalue(mags, n - k + 1).values
+            threshold, greater, last_tie = kth_largest(mags, k)
+            assert torch.equal(threshold, want) and greater == int((mags > want).sum()), (n, k)
+            ties = (mags == want).nonzero().reshape(-1)
+            assert last_tie == int(ties[k - greater - 1]), (n, k)  # keeps exactly k, lowest index first
+
+
+def test_kth_largest_with_non_finite_falls_back_to_kthvalue():
+    mags = torch.rand(100_000, generator=torch.Generator().manual_seed(5))
+    mags[7], mags[9] = float("inf"), float("nan")
+    for k in (1, 2, 3, 50_000):
+        want = torch.kthvalue(mags, mags.numel() - k + 1).values
+        threshold, greater, _ = kth_largest(mags, k)
+        assert torch.equal(threshold, want) or (threshold.isnan() and want.isnan())
+        assert greater == int((mags > want).sum())
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("task_arithmetic", {"scale": 0.7}),
+                                           ("ties", {}), ("ties", {"density": 0.5, "disjoint_mean": False}),
+                                           ("drm", {}), ("drm", {"nonlinear_drop_rate": 0.4})])
+@pytest.mark.parametrize("t", [1, 2, 4, 7, 17])
+@pytest.mark.parametrize("unit", [True, False])
+def test_fast_elementwise_paths_equal_whole_tensor_on_real_valued_deltas(method, params, t, unit):
+    # Unquantized deltas (sums round), bfloat16 and float32 inputs, unit and other weights.
+    # Sums over models are sequential in t, as torch's vectorized sum(dim=0) is wherever a
+    # whole vector of columns is reduced (a tensor whose size is not a multiple of the
+    # vector width has a differently ordered tail there; checkpoints' shapes do not).
+    n = 150_016  # above RADIX_MIN: the radix select decides the masks
+    base, models = _bf16_family(t, n, seed=t)
+    weights = torch.ones(t) if unit else torch.linspace(0.5, 1.5, t)
+    p = replace(Parameters(), **params)
+    for b, ms in ((base, models), (base.float(), [m.float() + 1e-5 * i for i, m in enumerate(models)])):
+        want = merge_tensor(method, VECTOR, b.float(), torch.stack([m.float() for m in ms]), weights, p)
+        for chunk in (1 << 20, 4096):
+            got = merge_elementwise(method, b, list(ms), weights, p, compute_dtype=torch.float32,
+                                    device=torch.device("cpu"), out_dtype=torch.float32, chunk=chunk)
+            assert torch.equal(got, want), (chunk, b.dtype)
+
+
+def test_fast_ties_sign_fallback_minus_one_with_unit_weights():
+    # Zero sums with nonzero deltas in early chunks, a negative tensor-wide fallback.
+    base = torch.zeros(12)
+    a = torch.tensor([1.0, -1, 2, -2, 0, 0, -3, -3, -3, -1, -1, -1])
+    b = torch.tensor([-1.0, 1, -2, 2, 0, 0, -1, -1, -1, -2, -2, -2])
+    p = replace(Parameters(), density=1.0)
+    want = merge_tensor("ties", VECTOR, base, torch.stack([a, b]), torch.ones(2), p)
+    for chunk in (2, 3, 5, 12):
+        got = merge_elementwise("ties", base, [a, b], torch.ones(2), p, compute_dtype=torch.float32,
+                                device=torch.device("cpu"), out_dtype=torch.float32, chunk=chunk)
+        assert torch.equal(got, want)
+        assert got[0] == -1 and got[2] == -2  # zero-sum entries took the -1 fallback: negatives kept
+
+
+@pytest.mark.parametrize("direction", ["vertical", "horizontal"])
+def test_cpu_eigensolvers_agree(monkeypatch, direction):
+    # numpy's LAPACK (the CPU default) and torch's give the same merge (sign-invariant).
+    deltas = structured(6, 96, 160, seed=11)
+    p = replace(Parameters(), direction=direction)
+    got = {}
+    for solver in ("numpy", "torch"):
+        monkeypatch.setattr(drm, "CPU_EIGH", solver)
+        got[solver] = drm_matrix_delta(deltas, torch.ones(6), p)
+    assert rel(got["numpy"], got["torch"].double()) < 1e-6
+    assert rel(got["numpy"], f64_drm(deltas, direction)) < 1e-5

@@ -37,7 +37,7 @@ from dataclasses import replace
 import torch
 
 from ..spec import Parameters
-from .common import combine, keep_top_magnitudes
+from .common import combine, fallback_sign, keep_top_magnitudes, kth_largest
 
 DECOMP_DTYPE = torch.float64
 
@@ -100,7 +100,7 @@ _EXACT_WORK = 2**30
 def _top_eigenpairs(gram: torch.Tensor, rank_threshold: float):
     """Singular values (descending) and vectors above ``rho * s_1`` from a Gram matrix,
     decomposed in float64 whatever its dtype."""
-    evals, evecs = torch.linalg.eigh(gram.to(DECOMP_DTYPE))  # ascending
+    evals, evecs = _eigh(gram.to(DECOMP_DTYPE))  # ascending
     s = evals.clamp_min(0).sqrt()
     if s.numel() == 0 or s[-1] <= 0:
         return None, None
@@ -109,36 +109,84 @@ def _top_eigenpairs(gram: torch.Tensor, rank_threshold: float):
     return s[-r:].flip(0), evecs[:, -r:].flip(1)
 
 
+# CPU symmetric eigensolver: "numpy" (numpy's LAPACK; the PyPI wheels bundle OpenBLAS) or
+# "torch" (MKL in torch's CPU wheels). Same driver (dsyevd), same float64; measured for the
+# 3072 x 3072 Gram of W1 on 2 cores (bench/PERF.md): numpy 2.9-3.0 s, torch 4.0-4.5 s.
+CPU_EIGH = "numpy"
+
+
+def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` (eigenvalues ascending, eigenvectors in columns, lower
+    triangle used), through numpy's LAPACK for CPU tensors (see CPU_EIGH)."""
+    if gram.device.type == "cpu" and CPU_EIGH == "numpy":
+        import numpy
+
+        evals, evecs = numpy.linalg.eigh(gram.numpy(), UPLO="L")
+        return torch.from_numpy(evals), torch.from_numpy(evecs)
+    return torch.linalg.eigh(gram)
+
+
 def merge_loadings(loadings: torch.Tensor, weights: torch.Tensor, p: Parameters) -> torch.Tensor:
-    """Steps 3-8 on the per-task loadings ``P`` (T, n, r); returns ``M`` (n, r)."""
+    """Steps 3-8 on the per-task loadings ``P`` (T, n, r); returns ``M`` (n, r).
+
+    One new (T, n, r) tensor; every step after the renormalization works in place on it."""
     # Step 3: renormalize each task's singular vectors; their norms become its spectrum.
-    norms = torch.linalg.vector_norm(loadings, dim=1, keepdim=True)  # (T, 1, r) = s_ti
     if p.renormalize:
-        vectors = torch.where(norms > 0, loadings / norms.clamp_min(torch.finfo(loadings.dtype).tiny), 0.0)
-        spectrum = norms
+        spectrum = torch.linalg.vector_norm(loadings, dim=1, keepdim=True)  # (T, 1, r) = s_ti
     else:  # research ablation: keep U_t as the SVD gives it, with the shared spectrum s_i
-        shared = torch.linalg.vector_norm(loadings, dim=(0, 1), keepdim=True)  # s_i
-        vectors = torch.where(shared > 0, loadings / shared.clamp_min(torch.finfo(loadings.dtype).tiny), 0.0)
-        spectrum = shared
+        spectrum = torch.linalg.vector_norm(loadings, dim=(0, 1), keepdim=True)  # s_i
+    vectors = loadings / spectrum.clamp_min(torch.finfo(loadings.dtype).tiny)
+    vectors.masked_fill_(~(spectrum > 0), 0.0)  # zero where the norm is zero
     # Step 4: prune the pooled vectors below the k-th smallest magnitude.
-    vectors = prune_pooled(vectors, p.drop_rate)
+    _prune_pooled_(vectors, p.drop_rate)
     # Step 5: rescale.
-    rescaled = vectors * spectrum
+    vectors *= spectrum
     # Steps 6-8: elect signs, weight, disjoint mean.
-    return combine(rescaled, weights, sign_election=p.sign_election,
+    if p.sign_election and bool((weights == 1).all()):
+        return _elect_unit_(vectors, p.disjoint_mean)
+    return combine(vectors, weights, sign_election=p.sign_election,
                    disjoint_mean=p.disjoint_mean, elect_on_weighted=False)
+
+
+def _elect_unit_(stack: torch.Tensor, disjoint_mean: bool) -> torch.Tensor:
+    """``combine(stack, ones, sign_election=True, elect_on_weighted=False)`` model by
+    model, overwriting ``stack``: per model a sign, a comparison and two accumulations,
+    instead of whole-stack temporaries. (Disagreeing entries are multiplied by 0, not
+    replaced by +0; the sums start from +0, so no sum changes.)"""
+    total = stack.sum(dim=0)
+    sigma = torch.sign(total)
+    fallback = fallback_sign(sigma.sum())
+    sigma.masked_fill_(total == 0, fallback)  # elect_signs: where(total == 0, fallback, sign)
+    merged = torch.zeros_like(total)
+    count = torch.zeros_like(total)
+    sign = torch.empty_like(total)
+    agree = torch.empty(total.shape, dtype=torch.bool, device=total.device)
+    for row in stack:
+        torch.sign(row, out=sign)
+        torch.eq(sign, sigma, out=agree)  # sigma is +-1: only nonzero entries agree
+        count += agree
+        row *= agree
+        merged += row
+    if disjoint_mean:
+        return merged.div_(count.clamp_min_(1))
+    return merged.div_(stack.shape[0])
 
 
 def prune_pooled(vectors: torch.Tensor, drop_rate: float) -> torch.Tensor:
     """Zero every entry whose magnitude is below the k-th smallest of the whole pool,
     ``k = N - round(N * (1 - p))``."""
+    return _prune_pooled_(vectors.clone(), drop_rate)
+
+
+def _prune_pooled_(vectors: torch.Tensor, drop_rate: float) -> torch.Tensor:
+    """``prune_pooled`` in place."""
     n = vectors.numel()
     k = n - round(n * (1.0 - drop_rate))
     if k <= 0:
         return vectors
     mags = vectors.abs()
-    threshold = torch.kthvalue(mags.reshape(-1), k).values
-    return torch.where(mags < threshold, torch.zeros((), dtype=vectors.dtype, device=vectors.device), vectors)
+    threshold = kth_largest(mags.reshape(-1), n - k + 1)[0]  # the k-th smallest (kthvalue's, faster)
+    return vectors.masked_fill_(mags < threshold, 0.0)
 
 
 def drm_vector_delta(deltas: torch.Tensor, weights: torch.Tensor, p: Parameters) -> torch.Tensor:
