@@ -238,11 +238,31 @@ def test_fast_ties_sign_fallback_minus_one_with_unit_weights():
 @pytest.mark.parametrize("direction", ["vertical", "horizontal"])
 def test_cpu_eigensolvers_agree(monkeypatch, direction):
     # numpy's LAPACK (the CPU default) and torch's give the same merge (sign-invariant).
+    import numpy
+
     deltas = structured(6, 96, 160, seed=11)
     p = replace(Parameters(), direction=direction)
+    monkeypatch.setattr(drm, "_available_cpus", lambda: torch.get_num_threads())  # this process owns its CPUs
+    calls = []
+    real_eigh = numpy.linalg.eigh
+    monkeypatch.setattr(numpy.linalg, "eigh", lambda *a, **k: calls.append(1) or real_eigh(*a, **k))
     got = {}
     for solver in ("numpy", "torch"):
         monkeypatch.setattr(drm, "CPU_EIGH", solver)
         got[solver] = drm_matrix_delta(deltas, torch.ones(6), p)
+    assert calls == [1]  # the numpy solver really ran, once
     assert rel(got["numpy"], got["torch"].double()) < 1e-6
     assert rel(got["numpy"], f64_drm(deltas, direction)) < 1e-5
+
+
+def test_numpy_eigensolver_only_when_the_process_may_use_every_cpu(monkeypatch):
+    # OpenBLAS ignores torch.set_num_threads: a process held to fewer threads than CPUs
+    # (bench/quality's single-thread workers) must stay on torch's solver.
+    import numpy
+
+    monkeypatch.setattr(drm, "CPU_EIGH", "numpy")
+    monkeypatch.setattr(drm, "_available_cpus", lambda: torch.get_num_threads() + 1)
+    monkeypatch.setattr(numpy.linalg, "eigh", lambda *a, **k: pytest.fail("numpy eigh used"))
+    deltas = structured(4, 64, 96, seed=3)
+    got = drm_matrix_delta(deltas, torch.ones(4), Parameters())
+    assert rel(got, f64_drm(deltas, "vertical")) < 1e-5
