@@ -47,6 +47,18 @@ def claimed(store, s, worker="w-a", spec=None, output=None) -> tuple[str, JobRun
     return job_id, runner
 
 
+def wait_until_stale(store, job_id: str, s: Settings, timeout=10.0) -> None:
+    """Poll until the job's heartbeat is older than the timeout by the Redis clock (the
+    reaper's own test), instead of sleeping a guessed interval."""
+    deadline = time.monotonic() + timeout
+    while True:
+        hb, updated = store.r.hmget(store.k_job(job_id), "heartbeat_at", "updated_at")
+        if store.server_time() - float(hb or updated or 0) >= s.job_heartbeat_timeout_s:
+            return
+        assert time.monotonic() < deadline, "the heartbeat never went stale"
+        time.sleep(0.02)
+
+
 def sweep_until(reaper: Reaper, pred, timeout=20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -77,7 +89,7 @@ def test_a_vanished_worker_s_job_is_requeued_once_even_with_several_reapers(stor
     reapers = [Reaper(store, s, sent, name=f"r{i}") for i in range(4)]
     results: list[dict] = []
     barrier = threading.Barrier(len(reapers))
-    time.sleep(s.job_heartbeat_timeout_s + 0.1)  # the heartbeat goes stale
+    wait_until_stale(store, job_id, s)
 
     def go(r):
         barrier.wait()
@@ -106,7 +118,7 @@ def test_a_vanished_worker_s_job_is_requeued_once_even_with_several_reapers(stor
 def test_one_reaper_sweeps_at_a_time_and_waits_after_reconnecting(store, s3_server):
     s = settings(s3_server, worker_heartbeat_s=0.3)
     job_id, _ = claimed(store, s)
-    time.sleep(s.job_heartbeat_timeout_s + 0.1)
+    wait_until_stale(store, job_id, s)
     a, b = Reaper(store, s, Sent(), name="a"), Reaper(store, s, Sent(), name="b")
     assert a.sweep()["requeued"] == []  # first contact: give workers two heartbeats first
     assert b.sweep()["requeued"] == []  # a holds the lease

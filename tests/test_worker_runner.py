@@ -109,12 +109,12 @@ def test_the_outcome_survives_a_redis_restart(tmp_path, s3_server):
     server = start_redis(tmp_path / "redis", appendonly=True)
     port = server.port
     store = JobStore.from_url(server.url, prefix="restart")
+    store.r.config_set("appendfsync", "always")  # every write is on disk before the reply: no sleep
     holder: dict = {}
     try:
         job_id = queued(store)
         runner = JobRunner(store, settings(s3_server), "w")
         attempt = runner.claim(job_id)
-        time.sleep(1.2)  # appendfsync everysec: let the claim reach the disk
         server.stop()
 
         def restart():
