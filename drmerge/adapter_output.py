@@ -168,7 +168,7 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
     complete for this spec, else starts over; a pause keeps nothing. Committed files are
     still reported through ``on_shard`` so an abandoned run's leftovers can be removed.
     """
-    from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _finished_output, _preflight_output,
+    from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _finished_or_preflight,
                            _remove_empty_local_dir, _remove_stale_weights, adapter_summary, keep_output_after_failure,
                            plan_fingerprint, resolve_device)
 
@@ -190,12 +190,10 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
     written: list[str] = []
     timings = {"plan_s": 0.0, "read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "total_s": 0.0}
     try:
-        if completed_shards is not None:
-            done = _finished_output(spec, out, dev)
-            if done is not None:
-                report("done")
-                return done
-        _preflight_output(spec, out)
+        done = _finished_or_preflight(spec, out, dev, resuming=completed_shards is not None)
+        if done is not None:
+            report("done")
+            return done
         if completed_shards is not None:
             out.abort_stale_writes()
         fingerprint = plan_fingerprint(spec, inputs)

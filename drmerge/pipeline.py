@@ -405,6 +405,17 @@ def _kept_shards(out: Storage, plan: Plan, names: list[str], completed: list[dic
     return kept
 
 
+def _finished_or_preflight(spec: MergeSpec, out: Storage, dev, resuming: bool) -> MergeResult | None:
+    """Start of a run's writing side: a resumed run whose output is already complete gets
+    its result back; otherwise the output must be free (or ``overwrite``)."""
+    if resuming:
+        done = _finished_output(spec, out, dev)
+        if done is not None:
+            return done
+    _preflight_output(spec, out)
+    return None
+
+
 def _finished_output(spec: MergeSpec, out: Storage, dev) -> MergeResult | None:
     """A resumed run whose predecessor got as far as ``drmerge.json`` (and died before
     anyone heard of it): if that marker is for this very spec and every file it lists
@@ -545,12 +556,10 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
     kept: dict[int, dict] = {}
     timings = {"plan_s": 0.0, "read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "total_s": 0.0}
     try:
-        if completed_shards is not None:
-            done = _finished_output(spec, out, dev)
-            if done is not None:
-                report("done")
-                return done
-        _preflight_output(spec, out)
+        done = _finished_or_preflight(spec, out, dev, resuming=completed_shards is not None)
+        if done is not None:
+            report("done")
+            return done
         plan = inputs.plan
         names = shard_names(len(plan.shards))
         fingerprint = plan_fingerprint(spec, inputs)

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from drmerge.pipeline import run_merge
-from drmerge.spec import parse_spec
 from tests.conftest import _family, list_keys, upload_folder, write_checkpoint
+from tests.reliability_stack import local_merge
 from tests.test_webhooks import Receiver
 from service.webhooks import verify
 
@@ -27,18 +26,6 @@ def output_keys(s3_client, job) -> list[str]:
 
 def no_pending_uploads(s3_client, bucket) -> bool:
     return not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads")
-
-
-def local_merge(spec: dict, family, out_dir) -> dict:
-    """The same merge from local disk with the engine directly: name -> bytes."""
-    local = json.loads(json.dumps(spec))
-    by_uri = {uri: family.local[name] for name, uri in family.uris.items()}
-    local["base_model"] = by_uri[local["base_model"]]
-    for m in local["models"]:
-        m["model"] = by_uri[m["model"]]
-    local["output"] = str(out_dir)
-    result = run_merge(parse_spec(local), device="cpu")
-    return {f["name"]: open(os.path.join(out_dir, f["name"]), "rb").read() for f in result.files}
 
 
 # ------------------------------------------------------------------------ success

@@ -111,6 +111,20 @@ def fallback_sign(sign_sum: torch.Tensor) -> torch.Tensor:
     return fallback
 
 
+def add_agreeing_(row: torch.Tensor, sigma: torch.Tensor, merged: torch.Tensor, count: torch.Tensor,
+                  sign: torch.Tensor, agree: torch.Tensor) -> None:
+    """One model's step of a sign-elected disjoint mean, in place: add to ``merged`` the
+    entries of ``row`` whose sign equals the elected ``sigma`` (+-1 everywhere, so zero
+    entries never agree) and count them in ``count``. ``row`` is overwritten; ``sign`` and
+    ``agree`` are scratch buffers of its shape. A disagreeing entry is multiplied by 0 rather
+    than replaced by +0; the sums start from +0, so no sum changes."""
+    torch.sign(row, out=sign)
+    torch.eq(sign, sigma, out=agree)
+    count += agree
+    row *= agree
+    merged += row
+
+
 def combine(stack: torch.Tensor, weights: torch.Tensor, *, sign_election: bool,
             disjoint_mean: bool, elect_on_weighted: bool, fallback: torch.Tensor | None = None) -> torch.Tensor:
     """Sign election, per-model weights and (disjoint) mean over a (T, ...) stack.

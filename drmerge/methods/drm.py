@@ -38,7 +38,7 @@ from dataclasses import replace
 import torch
 
 from ..spec import Parameters
-from .common import combine, fallback_sign, keep_top_magnitudes, kth_largest
+from .common import add_agreeing_, combine, fallback_sign, keep_top_magnitudes, kth_largest
 
 DECOMP_DTYPE = torch.float64
 
@@ -165,9 +165,7 @@ def merge_loadings(loadings: torch.Tensor, weights: torch.Tensor, p: Parameters)
 
 def _elect_unit_(stack: torch.Tensor, disjoint_mean: bool) -> torch.Tensor:
     """``combine(stack, ones, sign_election=True, elect_on_weighted=False)`` model by
-    model, overwriting ``stack``: per model a sign, a comparison and two accumulations,
-    instead of whole-stack temporaries. (Disagreeing entries are multiplied by 0, not
-    replaced by +0; the sums start from +0, so no sum changes.)"""
+    model (``add_agreeing_``), overwriting ``stack``, instead of whole-stack temporaries."""
     total = stack.sum(dim=0)
     sigma = torch.sign(total)
     fallback = fallback_sign(sigma.sum())
@@ -177,11 +175,7 @@ def _elect_unit_(stack: torch.Tensor, disjoint_mean: bool) -> torch.Tensor:
     sign = torch.empty_like(total)
     agree = torch.empty(total.shape, dtype=torch.bool, device=total.device)
     for row in stack:
-        torch.sign(row, out=sign)
-        torch.eq(sign, sigma, out=agree)  # sigma is +-1: only nonzero entries agree
-        count += agree
-        row *= agree
-        merged += row
+        add_agreeing_(row, sigma, merged, count, sign, agree)
     if disjoint_mean:
         return merged.div_(count.clamp_min_(1))
     return merged.div_(stack.shape[0])

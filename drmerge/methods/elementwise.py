@@ -25,7 +25,7 @@ import torch
 
 from ..errors import MergeError
 from ..spec import Parameters
-from .common import TopMask, combine, fallback_sign
+from .common import TopMask, add_agreeing_, combine, fallback_sign
 from .linear import linear_weights
 from .task_arithmetic import task_arithmetic_delta
 
@@ -176,9 +176,8 @@ def _elect_trimmed_unit(flat_base, flats: list, masks: list[TopMask], total: tor
                         compute_dtype: torch.dtype, device: torch.device) -> None:
     """TIES / trimmed DRM rule with unit weights, the sums ``total`` and the fallback sign
     already known: ``combine(trimmed, ones, sign_election=True, fallback=fallback)`` chunk
-    by chunk, model by model, in preallocated buffers (no per-chunk allocations). A
-    disagreeing delta is multiplied by 0 instead of replaced by +0; the sums start from
-    +0, so that changes no sum."""
+    by chunk, model by model (``add_agreeing_``), in preallocated buffers (no per-chunk
+    allocations)."""
     size = max(b - a for a, b in spans)
 
     def buf(dtype=compute_dtype):
@@ -202,11 +201,7 @@ def _elect_trimmed_unit(flat_base, flats: list, masks: list[TopMask], total: tor
             row -= bc
             torch.abs(row, out=mags)
             row *= mask.chunk(mags, a, out=keep)
-            torch.sign(row, out=sgn)
-            torch.eq(sgn, sigma, out=agree)  # sigma is +-1: only nonzero deltas agree
-            count += agree
-            row *= agree
-            merged += row
+            add_agreeing_(row, sigma, merged, count, sgn, agree)
         if disjoint_mean:
             merged /= count.clamp_min_(1)
         else:
