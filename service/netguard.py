@@ -6,10 +6,14 @@ unchecked URL would let any tenant reach Redis, the S3 endpoint, a cloud metadat
 
 - ``https://`` only; ``http://`` only to loopback, and only when the operator turns on
   ``webhook_allow_http_loopback`` (a local receiver in development and tests);
-- every address the host resolves to must be public (``is_global``), unless it lies in
-  an operator-allowed network (``webhook_allowed_networks``; loopback too when
-  ``webhook_allow_http_loopback`` is on); IPv4 hidden in IPv6 (mapped, 6to4, Teredo,
-  NAT64) is unwrapped and judged as IPv4;
+- every address the host resolves to must be public, unless it lies in an
+  operator-allowed network (``webhook_allowed_networks``; loopback too when
+  ``webhook_allow_http_loopback`` is on); IPv4 hidden in IPv6 (mapped, translated,
+  IPv4-compatible, 6to4, Teredo, NAT64) is unwrapped and judged as IPv4. "Public" for
+  IPv6 is decided by an explicit rule, not by ``ipaddress.is_global`` alone (which calls
+  e.g. ``::1:a9fe:a9fe`` and ``0:0:1::a00:1`` global): the address must be global
+  unicast (``2000::/3``, the only range IANA allocates for the public internet) and
+  outside the special-purpose blocks inside it (``NON_GLOBAL_IPV6``);
 - cloud metadata addresses are refused whatever the operator allows;
 - the check runs at submit (a clear 422) and again right before each delivery, and the
   delivery connects to the very address that was checked (``PinnedTarget``): a DNS
@@ -40,6 +44,17 @@ METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
     "192.0.0.192",      # Oracle Cloud (classic)
 ))
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT (RFC 2765): ::ffff:0:a.b.c.d
+_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
+# Special-purpose blocks inside 2000::/3 that are not reachable public hosts (IANA IPv6
+# Special-Purpose Address Registry). Teredo (2001::/32) and 6to4 (2002::/16) are unwrapped
+# to their IPv4 address before this list is consulted.
+NON_GLOBAL_IPV6 = tuple(ipaddress.ip_network(n) for n in (
+    "2001::/23",      # IETF protocol assignments (benchmarking, ORCHID, ...)
+    "2001:db8::/32",  # documentation
+    "3fff::/20",      # documentation (RFC 9637)
+    "2002::/16",      # 6to4 relays without a valid embedded address
+))
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
@@ -55,6 +70,8 @@ def embedded_ipv4(addr: IPAddress) -> ipaddress.IPv4Address | None:
         return None
     if addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
+    if addr in _IPV4_TRANSLATED:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
     if addr.sixtofour is not None:
         return addr.sixtofour
     if addr.teredo is not None:
@@ -68,6 +85,10 @@ def embedded_ipv4(addr: IPAddress) -> ipaddress.IPv4Address | None:
 
 def parse_networks(text: str | None) -> tuple:
     return tuple(ipaddress.ip_network(x.strip(), strict=False) for x in (text or "").split(",") if x.strip())
+
+
+def _public_ipv6(addr: ipaddress.IPv6Address) -> bool:
+    return addr in _GLOBAL_UNICAST and not any(addr in net for net in NON_GLOBAL_IPV6)
 
 
 @dataclass(frozen=True)
@@ -92,7 +113,7 @@ class Policy:
             return None
         if any(addr.version == net.version and addr in net for net in self.allowed_networks):
             return None
-        if addr.is_global and not addr.is_multicast:
+        if addr.is_global and not addr.is_multicast and (addr.version == 4 or _public_ipv6(addr)):
             return None
         kind = ("loopback" if addr.is_loopback else "link-local" if addr.is_link_local
                 else "multicast" if addr.is_multicast else "unspecified" if addr.is_unspecified

@@ -50,10 +50,19 @@ LOOPBACK_OK = Policy(allow_http_loopback=True)
     # IPv4 dressed as IPv6: mapped, IPv4-compatible, 6to4, NAT64
     "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::7f00:1", "2002:7f00:1::1", "64:ff9b::a00:1",
     "64:ff9b::a9fe:a9fe",
+    # IPv4-translated (::ffff:0:a.b.c.d) and other ::/8 forms ipaddress calls global
+    "::ffff:0:7f00:1", "::ffff:0:a9fe:a9fe", "::1:a9fe:a9fe", "0:0:1::a00:1", "::2:7f00:1",
+    # outside 2000::/3, or special-purpose inside it
+    "4000::1", "5f00::1", "2001:2::1", "2001:10::1", "2001:20::1", "2001:db8::1", "3fff::1", "100::1",
 ])
 def test_non_public_addresses_are_refused(address):
     with pytest.raises(WebhookURLError, match="does not call"):
         check_webhook_url("https://hooks.example.com/h", STRICT, answer(address))
+
+
+def test_public_ipv6_addresses_are_accepted():
+    for address in ("2606:4700:4700::1111", "2a00:1450:4001:81c::200e", "2001:4860:4860::8888"):
+        assert check_webhook_url("https://hooks.example.com/h", STRICT, answer(address)).address == address
 
 
 def test_public_addresses_are_accepted_and_pinned():

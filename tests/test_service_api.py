@@ -114,6 +114,10 @@ def test_openapi_spec_schema_agrees_on_base_model(idle_stack):
     ({"spec": spec(), "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ({"spec": spec(), "metadata": {"k": "v" * 513}}, "metadata.k"),
     ({"spec": spec(), "webhook": {"url": "ftp://x.example/h"}}, "webhook.url"),
+    # IPv4-translated and other ::/8 spellings of metadata and private addresses (SSRF)
+    ({"spec": spec(), "webhook": {"url": "https://[::ffff:0:a9fe:a9fe]/h", "secret": "x" * 16}}, "webhook.url"),
+    ({"spec": spec(), "webhook": {"url": "https://[::1:a9fe:a9fe]/h", "secret": "x" * 16}}, "webhook.url"),
+    ({"spec": spec(), "webhook": {"url": "https://[0:0:1::a00:1]/h", "secret": "x" * 16}}, "webhook.url"),
     ({"spec": spec(), "webhook": {"url": "http://127.0.0.1:9/h", "secret": "short"}}, "webhook.secret"),
     ({"spec": spec(), "webhook": {"url": "http://127.0.0.1:9/h", "secret": "whsec_###notbase64###"}},
      "webhook.secret"),
