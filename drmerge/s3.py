@@ -32,6 +32,7 @@ import botocore.exceptions as bce
 import botocore.session
 from botocore.config import Config
 
+from . import locations
 from .errors import MergeError
 from .storage import ObjectWriter, Storage
 
@@ -93,17 +94,10 @@ def _botocore_session():
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/prefix`` -> (``bucket``, ``some/prefix/``). The URI names a
-    directory, so the prefix always ends with ``/`` unless it is empty."""
-    if not uri.startswith("s3://"):
-        raise MergeError("invalid_spec", f"{uri!r} is not an s3:// URI")
-    rest = uri[len("s3://"):]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise MergeError("invalid_spec", f"{uri!r} has no bucket name: use s3://bucket/prefix/")
-    prefix = prefix.strip("/")
-    if "//" in prefix:
-        raise MergeError("invalid_spec", f"{uri!r} has an empty path segment")
-    return bucket, (prefix + "/" if prefix else "")
+    directory, so the prefix always ends with ``/`` unless it is empty. The rules are
+    drmerge.locations' (the spec's canonical form), so the storage and every check agree
+    on which prefix a URI means."""
+    return locations.split_s3(uri)
 
 
 class S3Storage(Storage):

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import regex
 
+from . import locations
 from .errors import MergeError
 
 METHODS = ("drm", "ties", "task_arithmetic", "linear")
@@ -91,7 +92,9 @@ class MergeSpec:
         return ([self.base_model] if self.base_model else []) + [m.model for m in self.models] + [self.output]
 
     def with_overrides(self, **kw) -> "MergeSpec":
-        return replace(self, **kw)
+        """A copy with some fields changed, validated again like a new spec (so an
+        override cannot skip the canonical locations or the output-vs-input rule)."""
+        return parse_spec(replace(self, **kw).to_dict())
 
 
 def _fail(param: str, message: str):
@@ -131,22 +134,17 @@ def _choice(value, choices, param: str) -> str:
     return value
 
 
-def _uri(value, param: str, base_dir: str | None) -> str:
+def _uri(value, param: str, base_dir: str | None, allow_relative: bool = True) -> str:
+    """The location's canonical form (drmerge.locations): every later comparison,
+    reservation and allow-list check sees only that string."""
     if not isinstance(value, str) or not value.strip():
         _fail(param, "must be a non-empty string (a local path or s3://bucket/prefix/)")
     if len(value) > MAX_URI_LENGTH or "\x00" in value:
         _fail(param, f"must be at most {MAX_URI_LENGTH} characters with no NUL bytes")
-    if value.startswith("s3://"):
-        bucket = value[5:].split("/", 1)[0]
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-            _fail(param, f"{value!r} does not name a valid S3 bucket")
-        return value if value.endswith("/") else value + "/"
-    if "://" in value:
-        _fail(param, f"unsupported URI scheme in {value!r}: use a local path or s3://bucket/prefix/")
-    path = os.path.expanduser(value)
-    if base_dir is not None and not os.path.isabs(path):
-        path = os.path.join(base_dir, path)
-    return os.path.normpath(path)
+    try:
+        return locations.canonical(value, base_dir, allow_relative=allow_relative)
+    except MergeError as e:
+        _fail(param, e.message)
 
 
 def _patterns(value, param: str) -> tuple[str, ...]:
@@ -256,7 +254,7 @@ def _select(data) -> Select:
     return Select(**{k: _patterns(v, f"select.{k}") for k, v in data.items()})
 
 
-def _models(data, base_dir) -> tuple[ModelEntry, ...]:
+def _models(data, base_dir, allow_relative: bool = True) -> tuple[ModelEntry, ...]:
     if not isinstance(data, list) or not data:
         _fail("models", "must be a non-empty list of {model: URI, weight: number}")
     if len(data) > MAX_MODELS:
@@ -270,26 +268,30 @@ def _models(data, base_dir) -> tuple[ModelEntry, ...]:
         if "model" not in entry:
             _fail(f"{param}.model", "is required")
         weight = _number(entry.get("weight", 1.0), f"{param}.weight")
-        out.append(ModelEntry(model=_uri(entry["model"], f"{param}.model", base_dir), weight=weight))
+        out.append(ModelEntry(model=_uri(entry["model"], f"{param}.model", base_dir, allow_relative), weight=weight))
     return tuple(out)
 
 
-def parse_spec(data, base_dir: str | None = None) -> MergeSpec:
-    """Validate a spec mapping and return it normalized.
+def parse_spec(data, base_dir: str | None = None, *, allow_relative: bool = True) -> MergeSpec:
+    """Validate a spec mapping and return it normalized, every location in its
+    canonical form (drmerge.locations).
 
-    ``base_dir`` resolves relative local paths (the CLI passes the spec file's folder).
+    ``base_dir`` resolves relative local paths (the CLI passes the spec file's folder;
+    None: the current directory). ``allow_relative=False`` refuses relative local paths
+    instead (the service: its working directory means nothing to a caller).
     """
     allowed = {f.name for f in fields(MergeSpec)}
     _check_keys(data, allowed, "")
     for required in ("models", "output"):
         if required not in data:
             _fail(required, "is required")
-    kw: dict = {"models": _models(data["models"], base_dir), "output": _uri(data["output"], "output", base_dir)}
+    kw: dict = {"models": _models(data["models"], base_dir, allow_relative),
+                "output": _uri(data["output"], "output", base_dir, allow_relative)}
     kw["method"] = _choice(data.get("method", "drm"), METHODS, "method")
     if "output_format" in data:  # before base_model, whose requirement depends on it
         kw["output_format"] = _choice(data["output_format"], OUTPUT_FORMATS, "output_format")
     if data.get("base_model") is not None:
-        kw["base_model"] = _uri(data["base_model"], "base_model", base_dir)
+        kw["base_model"] = _uri(data["base_model"], "base_model", base_dir, allow_relative)
     elif kw["method"] != "linear" and kw.get("output_format") != "adapter":
         _fail("base_model", f"is required for method {kw['method']!r} with output_format 'full' (only method "
               "'linear', and output_format 'adapter', which merges LoRA adapters into one adapter, work without "
@@ -314,10 +316,22 @@ def parse_spec(data, base_dir: str | None = None) -> MergeSpec:
             _fail("adapter_rank", "only applies with output_format: adapter")
         kw["adapter_rank"] = r
     spec = MergeSpec(**kw)
-    inputs = spec.uris()[:-1]
-    if spec.output in inputs or any(spec.output.rstrip("/") == u.rstrip("/") for u in inputs):
-        _fail("output", "must differ from every input location (inputs are never written to)")
+    _check_output_apart(spec, data["output"])
     return spec
+
+
+def _check_output_apart(spec: MergeSpec, written: str) -> None:
+    """The output may not be, contain or lie inside any input: a merge (and overwrite,
+    which first clears the output) would alter the input. Compared canonically, so no
+    spelling (``//``, a trailing ``/``, a symlink) makes the same place look like two."""
+    inputs = ([("base_model", spec.base_model)] if spec.base_model else []) + \
+             [(f"models[{i}].model", m.model) for i, m in enumerate(spec.models)]
+    for param, location in inputs:
+        how = locations.relation(spec.output, location)
+        if how is not None:
+            spelled = f" (written {written!r})" if written.rstrip("/") != spec.output.rstrip("/") else ""
+            _fail("output", f"{spec.output}{spelled} {how} the input {param} {location}: the output may not "
+                  "equal, contain or lie inside an input (inputs are never written to or cleared)")
 
 
 def load_spec_file(path: str) -> MergeSpec:

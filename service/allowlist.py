@@ -5,76 +5,45 @@ matching is on path segments, so it does not allow ``s3://bucket/teamx/``. ``s3:
 allows the whole bucket, ``*`` every location. ``allow`` entries cover inputs and outputs;
 ``allow_read`` entries cover inputs only (a shared bucket of base models, say).
 
-A location must be inside an entry both as written and with ``.``/``..`` segments
-resolved and empty segments collapsed: S3 keys are literal strings, but a proxy or an
-S3-compatible server that normalises paths would read ``team/../other/`` as ``other/``,
-so either reading has to stay inside. The engine's own parser (``drmerge.s3.parse_s3_uri``)
-decides which prefix a URI means, so the check and the merge agree on it.
+Entries and locations are compared in drmerge.locations' canonical form, the one the
+spec parser gives every location and the S3 storage reads: ``s3://bucket//team/`` is
+``s3://bucket/team/``, and the spellings storages read differently (``.``/``..``
+segments, ``a//b`` inside a key, backslashes) are refused outright rather than resolved
+one way here and another way by the server, so no alias leads out of an entry.
 """
 
 from __future__ import annotations
 
-import posixpath
-import re
 from dataclasses import dataclass
 
+from drmerge import locations
 from drmerge.errors import MergeError
 
 ANY = "*"
-_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 
 
 class AllowListError(ValueError):
     pass
 
 
-def _split(uri: str) -> tuple[str, str]:
-    """``s3://b/x/y`` -> ("b", "x/y/"): the engine's reading of a location."""
-    from drmerge.s3 import parse_s3_uri  # imports boto3: only when a list is checked
-
-    return parse_s3_uri(uri)
-
-
-def _normalised(prefix: str) -> str | None:
-    """``a/./b/../c//d/`` -> ``a/c/d/``; None if ``..`` climbs above the bucket root."""
-    if not prefix:
-        return ""
-    depth = 0
-    for seg in prefix.split("/"):
-        if seg == "..":
-            depth -= 1
-            if depth < 0:
-                return None
-        elif seg and seg != ".":
-            depth += 1
-    norm = posixpath.normpath("/" + prefix).lstrip("/")
-    return "" if norm in ("", ".") else norm + "/"
-
-
 @dataclass(frozen=True)
 class Entry:
-    bucket: str
-    prefix: str  # "" (whole bucket) or ending in "/"
+    location: str  # canonical: s3://bucket/ (whole bucket) or s3://bucket/prefix/
 
     @classmethod
     def parse(cls, text: str) -> "Entry":
-        if not isinstance(text, str) or not text.startswith("s3://"):
+        if not isinstance(text, str) or not locations.is_s3(text):
             raise AllowListError(f"an allow entry is s3://bucket[/prefix] or '*', got {text!r}")
         try:
-            bucket, prefix = _split(text)
+            return cls(locations.canonical(text))
         except MergeError as e:
             raise AllowListError(f"bad allow entry {text!r}: {e.message}") from None
-        if not _BUCKET_RE.fullmatch(bucket):
-            raise AllowListError(f"bad allow entry {text!r}: not a valid bucket name")
-        if any(seg in (".", "..") for seg in prefix.split("/")):
-            raise AllowListError(f"bad allow entry {text!r}: '.' and '..' segments are not allowed")
-        return cls(bucket, prefix)
 
-    def covers(self, bucket: str, prefix: str) -> bool:
-        return bucket == self.bucket and prefix.startswith(self.prefix)
+    def covers(self, location: str) -> bool:
+        return locations.contains(self.location, location)
 
     def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
+        return self.location
 
 
 @dataclass(frozen=True)
@@ -106,13 +75,13 @@ class AccessList:
         return tuple(str(e) for e in self.read)
 
     def allows(self, uri: str, *, write: bool) -> bool:
-        """May this key read (or, with ``write``, write) the S3 location ``uri``?
+        """May this key read (or, with ``write``, write) the S3 location ``uri``? Matched
+        on its canonical form (the spec parser has usually made it so already).
         Raises MergeError(invalid_spec) for a URI the engine itself would refuse."""
+        if not locations.is_s3(uri):
+            raise MergeError("invalid_spec", f"{uri!r} is not an s3:// URI")
+        location = locations.canonical(uri)  # pure string work for s3://, and idempotent
         if self.any_location:
             return True
-        bucket, prefix = _split(uri)
-        norm = _normalised(prefix)
-        if norm is None:
-            return False
         entries = self.write if write else self.write + self.read
-        return any(e.covers(bucket, prefix) for e in entries) and any(e.covers(bucket, norm) for e in entries)
+        return any(e.covers(location) for e in entries)

@@ -19,7 +19,10 @@ Redis layout (``{p}`` is ``settings.key_prefix``)::
     {p}:tenant:{t}:jobs   zset    the ids of tenant t's jobs (as {p}:jobs: listing per tenant)
     {p}:tenant:{t}:queued zset    ids of t's jobs that were queued when last looked at
                                   (pruned on each submit; the per-tenant queue quota)
-    {p}:outputs           hash    output URI -> id of the active job writing it
+    {p}:outputs           hash    output -> id of the active job writing it; the output in
+                                  drmerge.locations.as_prefix form (canonical, ending in /)
+    {p}:outputs:sorted    zset    the same outputs, all scores 0: a ZRANGEBYLEX on a prefix
+                                  finds an active output inside a new one (see create)
     {p}:webhooks:due      zset    job id -> unix time its next webhook attempt is due
     {p}:workers           zset    worker name -> unix time of its last heartbeat
     {p}:worker:{name}     hash    what that worker said about itself (expires)
@@ -48,6 +51,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import redis
+
+from drmerge import locations
 
 STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -143,9 +148,20 @@ class IdempotencyConflict(JobStoreError):
 
 
 class OutputBusy(JobStoreError):
-    def __init__(self, output: str, job_id: str):
-        super().__init__(f"job {job_id} is already writing to {output}; wait for it or cancel it")
-        self.output, self.job_id = output, job_id
+    """``output`` overlaps ``held``, the output of the active job ``job_id``: the same
+    location, one containing it, or one inside it."""
+
+    def __init__(self, output: str, job_id: str, held: str | None = None):
+        held = output if held is None else held
+        where = held if held.rstrip("/") == output.rstrip("/") else (
+            f"{held}, which contains {output}" if locations.contains(held, output) else f"{held}, inside {output}")
+        super().__init__(f"job {job_id} is already writing to {where}; wait for it or cancel it")
+        self.output, self.job_id, self.held = output, job_id, held
+
+
+def _unprefixed(reserved: str) -> str:
+    """A reservation key back as the location it reserves (local paths have no trailing /)."""
+    return reserved if locations.is_s3(reserved) or reserved == "/" else reserved.rstrip("/")
 
 
 class QuotaExceeded(JobStoreError):
@@ -244,7 +260,8 @@ def empty_progress() -> dict:
 
 
 # --- Lua --------------------------------------------------------------------------------
-# KEYS: 1 job, 2 events, 3 outputs, 4 webhooks due, 5 stats, 6.. one zset per STATUSES.
+# KEYS: 1 job, 2 events, 3 outputs, 4 webhooks due, 5 stats, 6.. one zset per STATUSES,
+#       then the sorted outputs (KEYS[#KEYS]).
 _STATUS_INDEX = "{" + ", ".join(f"{s}={i + 6}" for i, s in enumerate(STATUSES)) + "}"
 
 _TRANSITION_LUA = """
@@ -273,7 +290,10 @@ end
 local terminal = (to == 'succeeded' or to == 'failed' or to == 'cancelled')
 if terminal then
   local out = redis.call('HGET', KEYS[1], 'output')
-  if out and redis.call('HGET', KEYS[3], out) == ARGV[1] then redis.call('HDEL', KEYS[3], out) end
+  if out and redis.call('HGET', KEYS[3], out) == ARGV[1] then
+    redis.call('HDEL', KEYS[3], out)
+    redis.call('ZREM', KEYS[#KEYS], out)
+  end
   if redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then
     redis.call('HSET', KEYS[1], 'webhook_state', cjson.encode({status='pending', attempts=0}))
     redis.call('ZADD', KEYS[4], now, ARGV[1])
@@ -299,9 +319,13 @@ return {'ok', cur}
 """
 
 # KEYS: 1 job, 2 events, 3 all jobs, 4 queued, 5 outputs, 6 idempotency key (may be unused),
-#       7 tenant's jobs, 8 tenant's queued
-# ARGV: 1 id, 2 fields json, 3 output, 4 use idem (0/1), 5 body hash, 6 idem ttl, 7 event json,
-#       8 most queued jobs of the tenant (0: no limit), 9 job key prefix
+#       7 tenant's jobs, 8 tenant's queued, 9 sorted outputs
+# ARGV: 1 id, 2 fields json, 3 output (as_prefix form), 4 use idem (0/1), 5 body hash, 6 idem ttl,
+#       7 event json, 8 most queued jobs of the tenant (0: no limit), 9 job key prefix,
+#       10 json list of the output's parents (drmerge.locations.parents)
+# The output is busy when an active job holds it, a location containing it (one HGET per
+# parent: the depth) or one inside it (all outputs inside it sort right after it: one
+# ZRANGEBYLEX; '\255' sorts after every byte of UTF-8 text). Returns the held location.
 # The quota count reads the job hashes of the tenant's queued set by name (not KEYS):
 # fine on a single Redis, which is what the service runs on.
 _CREATE_LUA = """
@@ -314,7 +338,18 @@ if ARGV[4] == '1' then
   end
 end
 local holder = redis.call('HGET', KEYS[5], ARGV[3])
-if holder then return {'output_busy', holder} end
+if holder then return {'output_busy', holder, ARGV[3]} end
+for _, parent in ipairs(cjson.decode(ARGV[10])) do
+  holder = redis.call('HGET', KEYS[5], parent)
+  if holder then return {'output_busy', holder, parent} end
+end
+while true do
+  local inside = redis.call('ZRANGEBYLEX', KEYS[9], '(' .. ARGV[3], '(' .. ARGV[3] .. '\255', 'LIMIT', 0, 1)
+  if #inside == 0 then break end
+  holder = redis.call('HGET', KEYS[5], inside[1])
+  if holder then return {'output_busy', holder, inside[1]} end
+  redis.call('ZREM', KEYS[9], inside[1])  -- no holder: a stale entry, never written by these scripts
+end
 local maxq = tonumber(ARGV[8])
 if maxq > 0 then
   local n = 0
@@ -332,6 +367,7 @@ redis.call('HSET', KEYS[1], 'event_seq', 1)
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('ZADD', KEYS[4], 0, ARGV[1])
 redis.call('HSET', KEYS[5], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[9], 0, ARGV[3])
 if ARGV[4] == '1' then
   redis.call('SET', KEYS[6], cjson.encode({job_id=ARGV[1], body_sha256=ARGV[5]}), 'EX', tonumber(ARGV[6]))
 end
@@ -464,6 +500,10 @@ class JobStore:
         return f"{self.p}:outputs"
 
     @property
+    def k_outputs_sorted(self) -> str:
+        return f"{self.p}:outputs:sorted"
+
+    @property
     def k_webhooks_due(self) -> str:
         return f"{self.p}:webhooks:due"
 
@@ -487,14 +527,19 @@ class JobStore:
         when the tenant used the idempotency key before with the same body (the earlier
         job comes back).
 
+        ``output`` is a canonical location (drmerge.locations; parse_spec makes them).
+
         Raises IdempotencyConflict (same key, other body), OutputBusy (an active job
-        already writes to ``output``: two merges into one prefix would interleave shards)
-        or QuotaExceeded (the tenant has ``max_queued`` queued jobs; 0 means no limit).
+        already writes to ``output``, to a location containing it or to one inside it:
+        two merges into one prefix would interleave shards, and a failed or cancelled one
+        deletes what it wrote) or QuotaExceeded (the tenant has ``max_queued`` queued
+        jobs; 0 means no limit).
         """
+        reserved = locations.as_prefix(output)  # ValueError for a location not canonical
         now = time.time() if now is None else now
         job_id = new_job_id(now)
         fields = {"id": job_id, "status": "queued", "created_at": repr(now), "updated_at": repr(now),
-                  "spec": json.dumps(spec), "metadata": json.dumps(metadata or {}), "output": output,
+                  "spec": json.dumps(spec), "metadata": json.dumps(metadata or {}), "output": reserved,
                   "attempts": "0", "tenant": tenant}
         if webhook:
             fields["webhook"] = json.dumps(webhook)
@@ -508,10 +553,12 @@ class JobStore:
             idem_key = f"{self.p}:idem:{hashlib.sha256(scoped).hexdigest()}"
         res = self._create(
             keys=[self.k_job(job_id), self.k_events(job_id), self.k_index(), self.k_index("queued"),
-                  self.k_outputs, idem_key, self.k_tenant(tenant), self.k_tenant(tenant, "queued")],
-            args=[job_id, json.dumps(fields), output, "1" if idempotency_key else "0", request_hash or "",
-                  self.idempotency_ttl_s, json.dumps(ev), int(max_queued), f"{self.p}:job:"])
-        kind, ref = res
+                  self.k_outputs, idem_key, self.k_tenant(tenant), self.k_tenant(tenant, "queued"),
+                  self.k_outputs_sorted],
+            args=[job_id, json.dumps(fields), reserved, "1" if idempotency_key else "0", request_hash or "",
+                  self.idempotency_ttl_s, json.dumps(ev), int(max_queued), f"{self.p}:job:",
+                  json.dumps(locations.parents(output))])
+        kind, ref, *held = res
         if kind == "replay":
             job = self.get(ref)
             if job is None:  # the job record was removed; the key is stale
@@ -523,7 +570,7 @@ class JobStore:
         if kind == "idem_conflict":
             raise IdempotencyConflict(idempotency_key, ref)
         if kind == "output_busy":
-            raise OutputBusy(output, ref)
+            raise OutputBusy(output, ref, _unprefixed(held[0]))
         if kind == "quota":
             raise QuotaExceeded(tenant, int(ref))
         return self.get(job_id), True
@@ -642,6 +689,7 @@ class JobStore:
         ev = _event("status", message or f"job {to}", now, to=to)
         keys = [self.k_job(job_id), self.k_events(job_id), self.k_outputs, self.k_webhooks_due, self.k_stats]
         keys += [self.k_index(s) for s in STATUSES]
+        keys.append(self.k_outputs_sorted)
         kind, cur = self._transition(
             keys=keys,
             args=[job_id, to, " ".join(sorted(sources)), repr(now), "" if attempt is None else str(attempt),

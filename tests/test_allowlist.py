@@ -1,7 +1,8 @@
 """Storage allow lists: a key may name only the S3 prefixes it was given (403
-``access_denied`` at submit, before any job exists), matched on path segments, with
-``..`` and ``//`` tricks caught; local paths only under the operator's root, only for
-keys allowed any location, never out of the root by ``..`` or a symlink."""
+``access_denied`` at submit, before any job exists), matched on path segments and on
+canonical locations, so ``//`` spellings are caught and ``.``/``..`` segments are
+refused outright (422 ``invalid_spec``); local paths only under the operator's root, only
+for keys allowed any location, never out of the root by ``..`` or a symlink."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import uuid
 
 import pytest
 
+from drmerge.errors import MergeError
 from service.allowlist import AccessList, AllowListError
 from tests.test_service_api import assert_problem
 
@@ -23,21 +25,36 @@ def acl(*allow, read=()):
     ("s3://bkt/team", True),
     ("s3://bkt/team/ft-1/", True),
     ("s3://bkt//team/", True),          # the engine reads this as team/ (leading slashes dropped)
-    ("s3://bkt/team/./ft/", True),      # inside both as written and resolved
+    ("s3://bkt///team/ft-1//", True),    # canonical: s3://bkt/team/ft-1/
     ("s3://bkt/teamx/", False),         # a prefix of the name is not a path prefix
+    ("s3://bkt//teamx/", False),
     ("s3://bkt/tea/", False),
     ("s3://bkt/", False),
+    ("s3://bkt//", False),
     ("s3://bkt/other/", False),
-    ("s3://bkt/team/../other/", False),  # resolved, it leaves team/
-    ("s3://bkt/team/x/../../other/", False),
-    ("s3://bkt/../team/", False),       # climbs out of the bucket
-    ("s3://bkt/./team/", False),        # as written it is not under team/
     ("s3://bkt/Team/", False),          # S3 keys are case-sensitive
     ("s3://bkt-other/team/", False),
-    ("s3://bk/team/", False),
 ])
 def test_prefix_matching_on_path_segments(uri, ok):
     assert acl("s3://bkt/team").allows(uri, write=True) is ok
+
+
+@pytest.mark.parametrize("uri", [
+    "s3://bkt/team/./ft/",              # S3 keeps '.', SeaweedFS refuses it, proxies drop it
+    "s3://bkt/team/../other/",          # resolved, it leaves team/
+    "s3://bkt/team/x/../ft/",           # resolved, it stays inside: still two readings
+    "s3://bkt/team/x/../../other/",
+    "s3://bkt/../team/",                # climbs out of the bucket
+    "s3://bkt/./team/",
+    "s3://bkt/team/a//b/",              # AWS keeps '//', SeaweedFS collapses it
+    "s3://bkt/team\\..\\other/",        # SeaweedFS reads a backslash as '/'
+    "s3://bk/team/",                    # not a valid bucket name
+])
+def test_spellings_that_storages_read_differently_are_invalid_whatever_the_list(uri):
+    for access in (acl("s3://bkt/team"), acl("*"), acl()):
+        with pytest.raises(MergeError) as e:
+            access.allows(uri, write=True)
+        assert e.value.code == "invalid_spec"
 
 
 def test_whole_bucket_any_location_and_read_only_entries():
@@ -53,7 +70,7 @@ def test_whole_bucket_any_location_and_read_only_entries():
 
 
 @pytest.mark.parametrize("entry", ["gs://b/x", "s3://", "s3://B/x", "s3://b/a/../c", "s3://b/./c", "s3://b/a//c",
-                                   "/local/path", "", 42])
+                                   "s3://bkt/a\\b", "/local/path", "", 42])
 def test_malformed_entries_are_refused_when_the_key_is_made(entry):
     with pytest.raises(AllowListError):
         acl(entry)
@@ -82,11 +99,11 @@ def jobs_in_store(stack, name):
 
 @pytest.mark.parametrize("changes, param", [
     ({"output": "s3://bkt-a/teamx/out/"}, "spec.output"),
-    ({"output": "s3://bkt-a/team/../elsewhere/out/"}, "spec.output"),
+    ({"output": "s3://bkt-a//teamx/out/"}, "spec.output"),
     ({"output": "s3://bkt-b/team/out/"}, "spec.output"),
     ({"output": "s3://bkt-shared/models/out/"}, "spec.output"),  # a read-only entry
     ({"base": "s3://bkt-a/secrets/base/"}, "spec.base_model"),
-    ({"models": ("s3://bkt-a/team/ft-1/", "s3://bkt-a/team/../../bkt-b/ft/")}, "spec.models[1].model"),
+    ({"models": ("s3://bkt-a/team/ft-1/", "s3://bkt-a//bkt-b/ft/")}, "spec.models[1].model"),
     ({"models": ("s3://bkt-a/team-2/ft/",)}, "spec.models[0].model"),
 ])
 def test_locations_outside_the_key_are_403_before_any_job_exists(strict_stack, changes, param):
@@ -114,6 +131,21 @@ def test_uris_the_engine_would_refuse_are_422_not_403(strict_stack):
     with strict_stack.client(strict_stack.new_key(tenant(), allow=["s3://bkt-a/team"])) as c:
         r = c.post("/v1/merges", json={"spec": spec(output="s3://bkt-a/team/a//b/")})
         assert_problem(r, 422, "invalid_spec", "spec.output")
+
+
+@pytest.mark.parametrize("changes, param", [
+    # issue 18 item 16: '..' used to pass an allow list it stayed inside, then fail at run time
+    ({"output": "s3://bkt-a/team/x/../out/"}, "spec.output"),
+    ({"output": "s3://bkt-a/team/../elsewhere/out/"}, "spec.output"),  # was 403: one rule now, 422
+    ({"models": ("s3://bkt-a/team/ft-1/", "s3://bkt-a/team/../../bkt-b/ft/")}, "spec.models[1].model"),  # was 403
+    ({"base": "s3://bkt-a/team/./base/"}, "spec.base_model"),
+])
+def test_dot_segments_are_422_before_any_job_exists(strict_stack, changes, param):
+    name = tenant()
+    with strict_stack.client(strict_stack.new_key(name, allow=["s3://bkt-a/team"])) as c:
+        body = assert_problem(c.post("/v1/merges", json={"spec": spec(**changes)}), 422, "invalid_spec", param)
+        assert "segment" in body["detail"]
+    assert jobs_in_store(strict_stack, name) == 0
 
 
 # --------------------------------------------------------------------- local paths

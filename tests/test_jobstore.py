@@ -148,6 +148,47 @@ def test_one_active_job_per_output(store):
     assert b.id != a.id
 
 
+def test_an_output_inside_or_around_an_active_one_is_busy_too(store):
+    """Issue 18 item 2: reservations cover prefixes, not strings. A job writing inside
+    another's output (or around it) would interleave shards with it, and its cancel or
+    failure would delete the other's files."""
+    root = f"s3://bkt/{uuid.uuid4().hex}/"
+    a = new(store, output=root + "out/")
+    for output in (root + "out/", root + "out/sub/", root + "out/sub/deeper/", root, "s3://bkt/"):
+        with pytest.raises(OutputBusy) as e:
+            new(store, output=output)
+        assert e.value.job_id == a.id and e.value.held == root + "out/", output
+        assert root + "out/" in str(e.value)
+    b = new(store, output=root + "outx/")  # a sibling whose name starts the same: free
+    c = new(store, output=root + "other/sub/")
+    with pytest.raises(OutputBusy) as e:  # inside it: found among all active outputs by prefix
+        new(store, output=root + "other/")
+    assert (e.value.job_id, e.value.held) == (c.id, root + "other/sub/")
+    assert "which contains" not in str(e.value) and f"{root}other/sub/, inside {root}other/" in str(e.value)
+    for job in (a, b, c):
+        store.transition(job.id, "cancelled")
+    assert store.r.zrangebylex(store.k_outputs_sorted, f"[{root}", f"({root}\xff") == []
+    d = new(store, output=root)  # every reservation under it was released
+    store.transition(d.id, "cancelled")
+
+
+def test_local_outputs_are_reserved_on_whole_segments(store):
+    root = f"/srv/merges-{uuid.uuid4().hex[:8]}"
+    a = new(store, output=root + "/out")
+    with pytest.raises(OutputBusy) as e:
+        new(store, output=root + "/out/sub")
+    assert (e.value.job_id, e.value.held) == (a.id, root + "/out")
+    with pytest.raises(OutputBusy):
+        new(store, output=root)
+    store.transition(new(store, output=root + "/outx").id, "cancelled")
+
+
+def test_only_canonical_outputs_are_reserved(store):
+    for output in ("s3://bkt//x/", "s3://bkt/x", "relative/out", "/srv/a/../b"):
+        with pytest.raises(ValueError):
+            store.create({"method": "drm"}, output)
+
+
 def test_listing_is_newest_first_with_cursor_and_status_filter(store):
     ids = [new(store).id for _ in range(7)]
     for i in ids[:3]:

@@ -7,6 +7,7 @@ import os
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 
+from drmerge import locations
 from drmerge.errors import MergeError
 from drmerge.spec import parse_spec
 
@@ -33,8 +34,9 @@ def _check_locations(spec, settings: Settings, principal: Principal) -> None:
     """The service reads and writes S3, and each key only the S3 prefixes it was given
     (403 ``access_denied``; service.allowlist has the matching rules). Local paths would
     name files on whichever worker runs the job, so they are refused unless the operator
-    allows one root (resolved with realpath: no ``..`` or symlink leads out of it), and
-    then only to keys that may use any location (``--allow '*'``)."""
+    allows one root, and then only to keys that may use any location (``--allow '*'``).
+    Every location here is already canonical (parse_spec: real paths, so no ``..`` or
+    symlink leads out of the root)."""
     named = ([("spec.base_model", spec.base_model, False)] if spec.base_model else []) + \
             [(f"spec.models[{i}].model", m.model, False) for i, m in enumerate(spec.models)] + \
             [("spec.output", spec.output, True)]
@@ -54,8 +56,7 @@ def _check_locations(spec, settings: Settings, principal: Principal) -> None:
                           f"use s3://bucket/prefix/ (got {uri!r})", param)
         if not principal.access.any_location:  # allow lists name S3 prefixes, never local files
             raise Problem(403, "access_denied", f"{param}: this API key may not use local paths", param)
-        real_root = os.path.realpath(root)
-        if not os.path.isabs(uri) or os.path.commonpath([os.path.realpath(uri), real_root]) != real_root:
+        if not locations.contains(os.path.realpath(root), uri):
             raise Problem(422, "invalid_spec", f"{param}: local paths must be absolute and inside {root}", param)
 
 
@@ -124,7 +125,7 @@ def create_merge(body: MergeRequest, response: Response,
     check_spec(body.spec, settings.max_models, settings.max_spec_string_length)
     _check_text(body.model_dump(mode="python"))
     try:
-        spec = parse_spec(body.spec)
+        spec = parse_spec(body.spec, allow_relative=False)
     except MergeError as e:
         param = f"spec.{e.param}" if e.param else "spec"
         raise Problem(422, "invalid_spec", e.message, param) from None
@@ -158,8 +159,9 @@ def create_merge(body: MergeRequest, response: Response,
         raise Problem(422, "idempotency_key_reused", str(e), "Idempotency-Key") from None
     except OutputBusy as e:
         holder = store.get(e.job_id)
-        if holder is not None and holder.tenant != principal.tenant:  # name no other tenant's job
-            raise Problem(409, "output_busy", f"another job is already writing to {e.output}; try again "
+        if holder is not None and holder.tenant != principal.tenant:  # name no other tenant's job or location
+            where = e.output if e.held == e.output else f"a location that overlaps {e.output}"
+            raise Problem(409, "output_busy", f"another job is already writing to {where}; try again "
                           "when it has ended", "spec.output") from None
         raise Problem(409, "output_busy", str(e), "spec.output", job_id=e.job_id) from None
     except QuotaExceeded as e:
