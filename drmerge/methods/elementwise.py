@@ -57,10 +57,12 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
         return _task_arithmetic(flat_base, flats, w, unit, p.scale, spans, compute_dtype=compute_dtype,
                                 device=device, out_dtype=out_dtype, check_finite=check_finite).reshape(shape)
 
+    if method == "linear":  # an average of the weights themselves: the base takes no part
+        return _linear(flats, w, spans, compute_dtype=compute_dtype, device=device, out_dtype=out_dtype,
+                       check_finite=check_finite).reshape(shape)
+
     def load(a: int, b: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        stack = torch.empty((len(flats), b - a), dtype=compute_dtype, device=device)
-        for i, f in enumerate(flats):
-            stack[i].copy_(f[a:b])
+        stack = _stack(flats, a, b, compute_dtype, device)
         bc = flat_base[a:b].to(device=device, dtype=compute_dtype) if flat_base is not None else None
         if check_finite is not None and not inputs_finite:
             check_finite(bc, stack)
@@ -101,10 +103,6 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
     provisional = torch.ones((), dtype=compute_dtype, device=device)
     redo: list[tuple[int, int]] = []  # chunks whose result depends on the fallback sign
     for a, b in spans:
-        if method == "linear":
-            _, stack = load(a, b)  # no base: the stack holds the weights themselves
-            out[a:b] = linear_weights(stack, w).to(out_dtype).cpu()
-            continue
         bc, stack = trimmed(a, b)
         if method == "task_arithmetic":
             delta = task_arithmetic_delta(stack, w)
@@ -207,6 +205,29 @@ def _elect_trimmed_unit(flat_base, flats: list, masks: list[TopMask], total: tor
         else:
             merged /= len(flats)
         _store(out, a, b, bc, merged, scale)
+
+
+def _stack(flats: list, a: int, b: int, compute_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (T, b - a) chunk of every input, in the compute dtype."""
+    stack = torch.empty((len(flats), b - a), dtype=compute_dtype, device=device)
+    for i, f in enumerate(flats):
+        stack[i].copy_(f[a:b])
+    return stack
+
+
+def _linear(flats: list, w: torch.Tensor, spans: list[tuple[int, int]], *, compute_dtype: torch.dtype,
+            device: torch.device, out_dtype: torch.dtype, check_finite) -> torch.Tensor:
+    """``sum_t w_t W_t / sum_t w_t`` chunk by chunk. Only the models' weights enter it: with
+    a ``base_model`` the base still shapes the plan (and supplies the copied tensors), but a
+    merged tensor is never relative to it (subtracting it would average the deltas)."""
+    n = flats[0].numel()
+    out = torch.empty(n, dtype=out_dtype)
+    for a, b in spans:
+        stack = _stack(flats, a, b, compute_dtype, device)
+        if check_finite is not None:
+            check_finite(None, stack)
+        out[a:b] = linear_weights(stack, w).to(out_dtype).cpu()
+    return out
 
 
 def _finite(t: torch.Tensor) -> bool:
