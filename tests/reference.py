@@ -20,12 +20,13 @@ def _prune(blocks, drop_rate):
     return [np.where(np.abs(b) < threshold, 0.0, b) for b in blocks]
 
 
-def _elect_and_mean(ms, weights, sign_election, disjoint_mean, elect_on_weighted=False):
+def _elect_and_mean(ms, weights, sign_election, disjoint_mean):
+    """DRM's steps 6-8: signs elected on the unweighted values, then weights, then the
+    mean over the surviving entries' count."""
     ms = [np.array(m, dtype=np.float64) for m in ms]
     weighted = [m * w for m, w in zip(ms, weights)]
     if sign_election:
-        basis = weighted if elect_on_weighted else ms
-        total = sum(basis)
+        total = sum(ms)
         sigma = np.sign(total)
         fallback = np.sign(sigma.sum()) or 1.0
         sigma = np.where(total == 0, fallback, sigma)
@@ -97,9 +98,22 @@ def top_k(d, fraction):
     return out.reshape(d.shape)
 
 
-def ties_delta(deltas, weights, density=0.2):
-    trimmed = [top_k(np.asarray(d, dtype=np.float64), density) for d in deltas]
-    return _elect_and_mean(trimmed, weights, True, True, elect_on_weighted=True)
+def ties_delta(deltas, weights, density=0.2, sign_election=True, disjoint_mean=True):
+    """TIES as mergekit computes it: elect on the weighted deltas, +1 where their sum is
+    exactly zero, keep the weighted entries of that sign, divide by the sum of the kept
+    entries' weights (0 -> 1). ``disjoint_mean=False``: drmerge's sum over T instead;
+    ``sign_election=False``: every nonzero weighted entry is kept."""
+    weighted = [w * top_k(np.asarray(d, dtype=np.float64), density) for d, w in zip(deltas, weights)]
+    if sign_election:
+        majority = np.where(sum(weighted) >= 0, 1.0, -1.0)
+        keep = [np.sign(e) == majority for e in weighted]
+    else:
+        keep = [e != 0 for e in weighted]
+    total = sum(np.where(k, e, 0.0) for k, e in zip(keep, weighted))
+    if not disjoint_mean:
+        return total / len(deltas)
+    divisor = sum(w * k.astype(np.float64) for w, k in zip(weights, keep))
+    return total / np.where(divisor == 0, 1.0, divisor)
 
 
 def rel_err(a, b) -> float:

@@ -17,6 +17,7 @@ from drmerge.plan import Selector
 from drmerge.checkpoint import CheckpointReader
 from drmerge.spec import Parameters, Select
 from drmerge.storage import LocalStorage
+from tests import reference as ref
 from tests.lora_helpers import engine_deltas, load_model, make_adapter, make_base, make_full_finetune, state
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -115,6 +116,70 @@ def test_task_arithmetic_of_one_adapter_is_peft_merge(models, tmp_path):
     got = load_model(out).state_dict()
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-6), name
+
+
+BASELINES = [("linear", {}), ("ties", {"density": 0.5, "scale": 0.7}), ("task_arithmetic", {"scale": 0.7})]
+
+
+def expected_baseline(method, params, deltas, w):
+    """The baselines' merged delta from float64 formulas (tests/reference.py): linear is
+    ``sum_t w_t W_t / sum_t w_t``, i.e. the base plus ``sum_t w_t D_t / sum_t w_t``."""
+    ds = [d.double().numpy() for d in deltas]
+    if method == "linear":
+        return torch.from_numpy(sum(x * d for x, d in zip(w, ds)) / sum(w))
+    if method == "ties":
+        return params["scale"] * torch.from_numpy(ref.ties_delta(ds, w, density=params["density"]))
+    return params["scale"] * torch.from_numpy(sum(x * d for x, d in zip(w, ds)))
+
+
+@pytest.mark.parametrize("method,params", BASELINES)
+@pytest.mark.parametrize("with_full", [False, True])
+def test_baselines_on_adapters_full_output(models, tmp_path, method, params, with_full):
+    """Adapters only (matrices on the factored path; TIES materialises them) and adapters
+    with a full fine-tune (everything dense): the baselines' formulas on every tensor."""
+    w = [1.0, -0.3, 0.7]
+    inputs = models["adapters"][:2] + [models["full"] if with_full else models["adapters"][2]]
+    which = (0, 1, 3 if with_full else 2)
+    out = str(tmp_path / "out")
+    merge({"base_model": models["base"], "models": [{"model": m, "weight": x} for m, x in zip(inputs, w)],
+           "method": method, "parameters": params, "output": out}, device="cpu")
+    got, base = state(out), state(models["base"])
+    merged = 0
+    for name, b in base.items():
+        # TIES trims the materialised float32 deltas (its cut is discontinuous); the factored
+        # linear baselines are exact sums in float64.
+        ds = [models["deltas32" if method == "ties" or with_full else "deltas"][name][i] for i in which]
+        want = expected_baseline(method, params, ds, w)
+        if want.abs().max() == 0:
+            assert torch.equal(got[name], b), name  # untouched by every input: the base, bit for bit
+            continue
+        assert rel(got[name].double() - b.double(), want) < 1e-5, name
+        merged += 1
+    assert merged == (len(base) if with_full else 14)
+    if method == "linear":
+        assert abs(float(got["model.norm.weight"].mean()) - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("method,params", BASELINES)
+def test_baselines_adapter_output(models, tmp_path, method, params):
+    """The adapter output holds the same merged delta, linear's without lam, the others'
+    times lam: exactly for the sums (rank 15 = the inputs' ranks added), and for TIES,
+    whose trimmed delta has full rank, its best rank-15 approximation."""
+    w = [1.0, -0.3, 0.7]
+    out = str(tmp_path / "out")
+    merge({"models": [{"model": a, "weight": x} for a, x in zip(models["adapters"], w)], "method": method,
+           "parameters": params, "output": out, "output_format": "adapter"}, device="cpu")
+    got, base = peft_merged(models["base"], out), state(models["base"])
+    for name, b in base.items():
+        ds = models["deltas32" if method == "ties" else "deltas"][name][:3]
+        want = expected_baseline(method, params, ds, w)
+        if want.abs().max() == 0:
+            assert torch.equal(got[name], b), name
+            continue
+        if method == "ties":
+            u, sv, vh = torch.linalg.svd(want, full_matrices=False)
+            want = (u[:, :15] * sv[:15]) @ vh[:15]
+        assert rel(got[name].double() - b.double(), want) < 1e-4, name  # PEFT merges in float32
 
 
 def peft_merged(base_dir, adapter_dir):

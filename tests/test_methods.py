@@ -128,12 +128,25 @@ def test_drm_vector_like_tensors(shape):
         assert ref.rel_err(merged, 0.9 * ref.drm_vector_delta(ds, weights, nonlinear_drop_rate=q)) < 1e-6
 
 
-def test_ties_matches_plain_formula():
+@pytest.mark.parametrize("weights", [[1.0, 0.5, 2.0], [1.0, -0.5, 0.7], [1.0, 1.0, 1.0]])
+@pytest.mark.parametrize("options", [{}, {"disjoint_mean": False}, {"sign_election": False}])
+def test_ties_matches_plain_formula(weights, options):
     g = np.random.default_rng(4)
     deltas = [g.standard_normal((10, 30)) for _ in range(3)]
-    weights = [1.0, 0.5, 2.0]
-    merged, ds = run("ties", MATRIX, np.zeros((10, 30)), deltas, weights, density=0.3, scale=0.8)
-    assert ref.rel_err(merged, 0.8 * ref.ties_delta(ds, weights, density=0.3)) < 1e-6
+    merged, ds = run("ties", MATRIX, np.zeros((10, 30)), deltas, weights, density=0.3, scale=0.8, **options)
+    assert ref.rel_err(merged, 0.8 * ref.ties_delta(ds, weights, density=0.3, **options)) < 1e-6
+
+
+def test_ties_divides_by_the_kept_weights_and_votes_with_weighted_signs():
+    # One entry, worked by hand (mergekit's rule): weighted deltas 2*1 = 2, 0.5*3 = 1.5 and
+    # -1*1 = -1 (a negative weight flips its model's vote): sum 2.5 > 0, so the two positive
+    # ones are kept and divided by their weights: (2 + 1.5) / (2 + 0.5).
+    merged, _ = run("ties", VECTOR, np.zeros(1), [np.ones(1), 3 * np.ones(1), np.ones(1)], [2.0, 0.5, -1.0],
+                    density=1.0)
+    assert merged[0] == pytest.approx(3.5 / 2.5, rel=1e-7)
+    # An exactly-zero weighted sum elects +1: only the positive weighted entry is kept.
+    merged, _ = run("ties", VECTOR, np.zeros(1), [np.ones(1), np.ones(1)], [1.0, -1.0], density=1.0)
+    assert merged[0] == 1.0
 
 
 def test_task_arithmetic_and_linear_match_plain_formulas():

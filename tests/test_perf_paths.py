@@ -124,16 +124,20 @@ def test_chunked_elementwise_equals_whole_tensor(method, kind, params, chunk):
     assert torch.equal(got, want)
 
 
-def test_chunked_sign_fallback_spans_chunks():
-    # entry sums are zero everywhere except the last chunk, whose negative sum decides the fallback
+@pytest.mark.parametrize("method", ["drm", "ties"])
+def test_chunked_sign_fallback_spans_chunks(method):
+    # entry sums are zero everywhere except the last chunk, whose negative sum decides DRM's
+    # fallback (TIES takes +1 at a zero sum, whatever the other chunks hold)
     base = torch.zeros(8)
     a = torch.tensor([1.0, -1, 1, -1, 1, -1, -2, -2])
     b = torch.tensor([-1.0, 1, -1, 1, -1, 1, -1, -1])
     p = replace(Parameters(), density=1.0)
-    want = merge_tensor("ties", VECTOR, base, torch.stack([a, b]), torch.ones(2), p)
-    got = merge_elementwise("ties", base, [a, b], torch.ones(2), p, compute_dtype=torch.float32,
+    want = merge_tensor(method, VECTOR, base, torch.stack([a, b]), torch.ones(2), p)
+    got = merge_elementwise(method, base, [a, b], torch.ones(2), p, compute_dtype=torch.float32,
                             device=torch.device("cpu"), out_dtype=torch.float32, chunk=3)
     assert torch.equal(got, want)
+    # each zero-sum pair keeps its negative entry under DRM's fallback, its positive one under TIES
+    assert got[:6].tolist() == [-1.0 if method == "drm" else 1.0] * 6
 
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("drm", {}), ("drm", {"nonlinear_drop_rate": 0.3}),
@@ -221,18 +225,42 @@ def test_fast_elementwise_paths_equal_whole_tensor_on_real_valued_deltas(method,
             assert torch.equal(got, want), (chunk, b.dtype)
 
 
-def test_fast_ties_sign_fallback_minus_one_with_unit_weights():
+# nonlinear_drop_rate 0.01 keeps 11 of 12 entries and drops a zero one (same merge): the
+# masks' pass and the unit-weight fast path; 0.0 the general path that redoes chunks.
+@pytest.mark.parametrize("drop", [0.0, 0.01])
+def test_fast_drm_sign_fallback_minus_one_with_unit_weights(drop):
     # Zero sums with nonzero deltas in early chunks, a negative tensor-wide fallback.
     base = torch.zeros(12)
     a = torch.tensor([1.0, -1, 2, -2, 0, 0, -3, -3, -3, -1, -1, -1])
     b = torch.tensor([-1.0, 1, -2, 2, 0, 0, -1, -1, -1, -2, -2, -2])
-    p = replace(Parameters(), density=1.0)
-    want = merge_tensor("ties", VECTOR, base, torch.stack([a, b]), torch.ones(2), p)
+    p = replace(Parameters(), nonlinear_drop_rate=drop)
+    want = merge_tensor("drm", VECTOR, base, torch.stack([a, b]), torch.ones(2), p)
     for chunk in (2, 3, 5, 12):
-        got = merge_elementwise("ties", base, [a, b], torch.ones(2), p, compute_dtype=torch.float32,
+        got = merge_elementwise("drm", base, [a, b], torch.ones(2), p, compute_dtype=torch.float32,
                                 device=torch.device("cpu"), out_dtype=torch.float32, chunk=chunk)
         assert torch.equal(got, want)
         assert got[0] == -1 and got[2] == -2  # zero-sum entries took the -1 fallback: negatives kept
+
+
+@pytest.mark.parametrize("density", [1.0, 0.95])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 2.0)])
+def test_ties_zero_sum_elects_plus_one_in_every_path(density, weights):
+    # mergekit's majority sign is +1 where the weighted sum is exactly zero, whatever the
+    # rest of the tensor holds (here: mostly negative sums). density 0.95 keeps 11 of 12 and
+    # drops a zero entry: the masks' pass (and with unit weights the fast path).
+    base = torch.zeros(12)
+    wa, wb = weights
+    a = torch.tensor([1.0, -1, 2, -2, 0, 0, -3, -3, -3, -1, -1, -1]) / wa
+    b = torch.tensor([-1.0, 1, -2, 2, 0, 0, -1, -1, -1, -2, -2, -2]) / wb
+    w = torch.tensor(weights)
+    p = replace(Parameters(), density=density)
+    want = merge_tensor("ties", VECTOR, base, torch.stack([a, b]), w, p)
+    for chunk in (2, 3, 5, 12):
+        got = merge_elementwise("ties", base, [a, b], w, p, compute_dtype=torch.float32,
+                                device=torch.device("cpu"), out_dtype=torch.float32, chunk=chunk)
+        assert torch.equal(got, want)
+        # entry 0: w_a a = 1, w_b b = -1, sum 0 -> +1 -> a's weighted 1 over its weight
+        assert got[0] == 1 / wa and got[1] == 1 / wb and got[2] == 2 / wa and got[3] == 2 / wb
 
 
 @pytest.mark.parametrize("direction", ["vertical", "horizontal"])

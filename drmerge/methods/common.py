@@ -1,4 +1,7 @@
-"""Building blocks shared by the TIES-style merges: trim, elect signs, disjoint mean."""
+"""Building blocks of the sign-electing merges, DRM and TIES: the top-k trim (both), the
+majority sign (both, with their own rule for an exactly-zero sum), the sign-agreeing
+accumulation of their unit-weight fast paths, and DRM's elect-weight-mean step
+(``combine``; TIES's own is methods/ties.py ``ties_combine``)."""
 
 from __future__ import annotations
 
@@ -90,11 +93,12 @@ def kth_largest(mags: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
 
 
 def elect_signs(stack: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-entry majority sign of a (T, ...) stack: ``sign(sum_t stack_t)``.
+    """Per-entry majority sign of a (T, ...) stack: ``sign(sum_t stack_t)``, and ``fallback``
+    where that sum is exactly zero, so every entry gets a definite sign.
 
-    Where that sum is exactly zero, the sign of the sum of all elected signs is used,
-    so every entry gets a definite sign. ``fallback`` supplies that sign when the stack
-    is one chunk of a larger tensor (see methods.elementwise).
+    DRM's fallback (the default) is the sign of the sum of all elected signs; given, it is
+    that sign computed over a whole tensor this stack is a chunk of (methods.elementwise).
+    TIES passes +1, mergekit's choice.
     """
     total = stack.sum(dim=0)
     sigma = torch.sign(total)
@@ -126,17 +130,17 @@ def add_agreeing_(row: torch.Tensor, sigma: torch.Tensor, merged: torch.Tensor, 
 
 
 def combine(stack: torch.Tensor, weights: torch.Tensor, *, sign_election: bool,
-            disjoint_mean: bool, elect_on_weighted: bool, fallback: torch.Tensor | None = None) -> torch.Tensor:
-    """Sign election, per-model weights and (disjoint) mean over a (T, ...) stack.
-
-    DRM elects signs before weighting (DESIGN.md s.3 steps 6-7); TIES elects on the
-    weighted deltas, as mergekit does. ``weights`` has shape (T,). ``fallback``: see
-    ``elect_signs``.
+            disjoint_mean: bool, fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """DRM's steps 6-8 (DESIGN.md s.3) over a (T, ...) stack: elect signs on the unweighted
+    values, zero the entries that disagree, weight, and take the mean over the nonzero
+    entries (their count), or over T. ``weights`` has shape (T,). ``fallback``: see
+    ``elect_signs``. (TIES elects on the weighted values and divides by the kept weights:
+    methods/ties.py.)
     """
     w = weights.to(stack.dtype).reshape((-1,) + (1,) * (stack.dim() - 1))
     weighted = stack * w
     if sign_election:
-        sigma = elect_signs(weighted if elect_on_weighted else stack, fallback)
+        sigma = elect_signs(stack, fallback)
         weighted = torch.where(torch.sign(stack) == sigma, weighted, torch.zeros((), dtype=stack.dtype, device=stack.device))
     total = weighted.sum(dim=0)
     if disjoint_mean:

@@ -159,12 +159,11 @@ def merge_loadings(loadings: torch.Tensor, weights: torch.Tensor, p: Parameters)
     # Steps 6-8: elect signs, weight, disjoint mean.
     if p.sign_election and bool((weights == 1).all()):
         return _elect_unit_(vectors, p.disjoint_mean)
-    return combine(vectors, weights, sign_election=p.sign_election,
-                   disjoint_mean=p.disjoint_mean, elect_on_weighted=False)
+    return combine(vectors, weights, sign_election=p.sign_election, disjoint_mean=p.disjoint_mean)
 
 
 def _elect_unit_(stack: torch.Tensor, disjoint_mean: bool) -> torch.Tensor:
-    """``combine(stack, ones, sign_election=True, elect_on_weighted=False)`` model by
+    """``combine(stack, ones, sign_election=True)`` model by
     model (``add_agreeing_``), overwriting ``stack``, instead of whole-stack temporaries."""
     total = stack.sum(dim=0)
     sigma = torch.sign(total)
@@ -199,9 +198,10 @@ def _prune_pooled_(vectors: torch.Tensor, drop_rate: float) -> torch.Tensor:
 
 
 def drm_vector_delta(deltas: torch.Tensor, weights: torch.Tensor, p: Parameters) -> torch.Tensor:
-    """Vector-like tensors (biases, norms, excluded embeddings/heads): TIES-style per tensor
-    with an optional trim to the top ``1 - nonlinear_drop_rate`` magnitudes."""
+    """Vector-like tensors (biases, norms, excluded embeddings/heads): TIES-like per tensor
+    with an optional trim to the top ``1 - nonlinear_drop_rate`` magnitudes, but with DRM's
+    steps 6-8 (signs elected before weighting, mean by count; not mergekit's TIES rule,
+    methods/ties.py)."""
     if p.nonlinear_drop_rate > 0:
         deltas = torch.stack([keep_top_magnitudes(d, 1.0 - p.nonlinear_drop_rate) for d in deltas])
-    return combine(deltas, weights, sign_election=p.sign_election,
-                   disjoint_mean=p.disjoint_mean, elect_on_weighted=False)
+    return combine(deltas, weights, sign_election=p.sign_election, disjoint_mean=p.disjoint_mean)

@@ -5,9 +5,10 @@ as read, the output, and a few chunks.
 
 The result equals the whole-tensor functions (``merge_tensor``) exactly. Two quantities
 span a whole tensor: each model's top-k keep-mask threshold (``TopMask``), computed
-first, and the fallback sign of the sign election, summed over the chunks as they are
-merged (the few chunks it changes are merged again). Every chunk goes through the same
-``combine`` as a whole tensor would.
+first, and DRM's fallback sign of the sign election (that of the sum of all elected
+signs), summed over the chunks as they are merged (the few chunks it changes are merged
+again); TIES's is always +1, as in mergekit. Every chunk goes through the same
+``combine`` (DRM) or ``ties_combine`` (TIES) as a whole tensor would.
 
 Fast paths, equal bit for bit to the general code (tests/test_perf_paths.py): task
 arithmetic accumulates into preallocated chunk buffers, checking finiteness once on the
@@ -28,6 +29,7 @@ from ..spec import Parameters
 from .common import TopMask, add_agreeing_, combine, fallback_sign
 from .linear import linear_weights
 from .task_arithmetic import task_arithmetic_delta
+from .ties import ties_combine
 
 CHUNK_ELEMENTS = 1 << 20  # per model: 4 MB of float32 (a chunk's temporaries stay ~100 MB at T=6)
 
@@ -57,10 +59,12 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
         return _task_arithmetic(flat_base, flats, w, unit, p.scale, spans, compute_dtype=compute_dtype,
                                 device=device, out_dtype=out_dtype, check_finite=check_finite).reshape(shape)
 
+    if method == "linear":  # an average of the weights themselves: the base takes no part
+        return _linear(flats, w, spans, compute_dtype=compute_dtype, device=device, out_dtype=out_dtype,
+                       check_finite=check_finite).reshape(shape)
+
     def load(a: int, b: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        stack = torch.empty((len(flats), b - a), dtype=compute_dtype, device=device)
-        for i, f in enumerate(flats):
-            stack[i].copy_(f[a:b])
+        stack = _stack(flats, a, b, compute_dtype, device)
         bc = flat_base[a:b].to(device=device, dtype=compute_dtype) if flat_base is not None else None
         if check_finite is not None and not inputs_finite:
             check_finite(bc, stack)
@@ -68,20 +72,24 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
             stack -= bc
         return bc, stack
 
-    elect_on_weighted = method == "ties"
     electing = method in ("ties", "drm") and p.sign_election
     # Whole-tensor quantities first: per-model keep-masks (TIES density / DRM's optional
-    # trim) and, when electing, the fallback sign (see _masks).
+    # trim) and, for the sign election, the entry sums (see _masks) that give DRM's fallback
+    # sign and the unit-weight fast path its majority signs. TIES's sign at a zero sum is
+    # always +1 (mergekit's), so its chunks need nothing else from the whole tensor.
     fraction = p.density if method == "ties" else (1.0 - p.nonlinear_drop_rate if method == "drm" else 1.0)
     masks, total, inputs_finite = None, None, False
     fallback = None
     if fraction < 1.0 and n:
-        masks, total, inputs_finite = _masks(flats, flat_base, w, unit, fraction, spans, electing=electing,
-                                             elect_on_weighted=elect_on_weighted, compute_dtype=compute_dtype,
-                                             device=device)
+        sums = electing and (method == "drm" or (unit and flat_base is not None))
+        masks, total, inputs_finite = _masks(flats, flat_base, fraction, spans, sums=sums,
+                                             compute_dtype=compute_dtype, device=device)
         if total is not None:
-            sign_sum = sum(float(torch.sign(total[a:b]).sum()) for a, b in spans)
-            fallback = fallback_sign(torch.tensor(sign_sum, dtype=compute_dtype, device=device))
+            if method == "ties":
+                fallback = torch.ones((), dtype=compute_dtype, device=device)
+            else:
+                sign_sum = sum(float(torch.sign(total[a:b]).sum()) for a, b in spans)
+                fallback = fallback_sign(torch.tensor(sign_sum, dtype=compute_dtype, device=device))
             if unit and flat_base is not None and (inputs_finite or check_finite is None):
                 out = torch.empty(n, dtype=out_dtype)
                 _elect_trimmed_unit(flat_base, flats, masks, total, fallback, spans, out, disjoint_mean=p.disjoint_mean,
@@ -99,54 +107,49 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
     out = torch.empty(n, dtype=out_dtype)
     sign_sum = 0.0
     provisional = torch.ones((), dtype=compute_dtype, device=device)
-    redo: list[tuple[int, int]] = []  # chunks whose result depends on the fallback sign
+    redo: list[tuple[int, int]] = []  # DRM chunks whose result depends on the fallback sign
     for a, b in spans:
-        if method == "linear":
-            _, stack = load(a, b)  # no base: the stack holds the weights themselves
-            out[a:b] = linear_weights(stack, w).to(out_dtype).cpu()
-            continue
         bc, stack = trimmed(a, b)
         if method == "task_arithmetic":
             delta = task_arithmetic_delta(stack, w)
+        elif method == "ties":
+            delta = ties_combine(stack, w, sign_election=p.sign_election, disjoint_mean=p.disjoint_mean)
+        elif method != "drm":
+            raise MergeError("internal_error", f"method {method!r} is not element-wise")
         elif electing and fallback is not None:  # known from the masks' pass
-            delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean,
-                            elect_on_weighted=elect_on_weighted, fallback=fallback)
+            delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean, fallback=fallback)
         elif electing:
-            # The fallback sign (for entries whose sum is exactly 0) spans the whole tensor;
+            # DRM's fallback sign (for entries whose sum is exactly 0) spans the whole tensor;
             # it only matters where such an entry has a nonzero delta. Merge with +1 now and
             # redo just those chunks if the tensor's fallback turns out to be -1.
-            total = (stack * w.reshape(-1, 1) if elect_on_weighted else stack).sum(dim=0)
+            total = stack.sum(dim=0)
             sign_sum += float(torch.sign(total).sum())
             if bool(((total == 0) & (stack != 0).any(dim=0)).any()):
                 redo.append((a, b))
-            delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean,
-                            elect_on_weighted=elect_on_weighted, fallback=provisional)
-        elif method in ("ties", "drm"):
-            delta = combine(stack, w, sign_election=False, disjoint_mean=p.disjoint_mean,
-                            elect_on_weighted=elect_on_weighted)
+            delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean, fallback=provisional)
         else:
-            raise MergeError("internal_error", f"method {method!r} is not element-wise")
+            delta = combine(stack, w, sign_election=False, disjoint_mean=p.disjoint_mean)
         _store(out, a, b, bc, delta, p.scale)
     if redo:
         fallback = fallback_sign(torch.tensor(sign_sum, dtype=compute_dtype, device=device))
         if fallback != provisional:
             for a, b in redo:
                 bc, stack = trimmed(a, b)
-                delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean,
-                                elect_on_weighted=elect_on_weighted, fallback=fallback)
+                delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean, fallback=fallback)
                 _store(out, a, b, bc, delta, p.scale)
     return out.reshape(shape)
 
 
-def _masks(flats: list, flat_base, w: torch.Tensor, unit: bool, fraction: float, spans: list[tuple[int, int]], *,
-           electing: bool, elect_on_weighted: bool, compute_dtype: torch.dtype, device: torch.device):
-    """One pass over each model's whole delta: its keep-mask (``TopMask``) and, when
-    electing, the entry sums of the trimmed (for TIES: weighted) deltas, accumulated model
-    after model as ``(stack * w).sum(dim=0)`` adds them. Also whether every input is
-    finite (``W_t - W0`` finite implies both are)."""
+def _masks(flats: list, flat_base, fraction: float, spans: list[tuple[int, int]], *, sums: bool,
+           compute_dtype: torch.dtype, device: torch.device):
+    """One pass over each model's whole delta: its keep-mask (``TopMask``) and, if ``sums``,
+    the entry sums of the trimmed, unweighted deltas (DRM elects on those; TIES, on the
+    weighted ones, asks for them only with unit weights), accumulated model after model as
+    ``stack.sum(dim=0)`` adds them. Also whether every input is finite (``W_t - W0`` finite
+    implies both are)."""
     masks: list[TopMask] = []
     all_finite = True
-    total = torch.zeros(flats[0].numel(), dtype=compute_dtype, device=device) if electing else None
+    total = torch.zeros(flats[0].numel(), dtype=compute_dtype, device=device) if sums else None
     whole_base = flat_base.to(device=device, dtype=compute_dtype) if flat_base is not None else None
     for i, f in enumerate(flats):
         if whole_base is not None and isinstance(f, torch.Tensor) and f.dtype == compute_dtype \
@@ -164,8 +167,6 @@ def _masks(flats: list, flat_base, w: torch.Tensor, unit: bool, fraction: float,
             for a, b in spans:  # chunk views: temporaries stay chunk-sized
                 part = d[a:b]
                 part *= mask.chunk(mags[a:b], a)
-                if elect_on_weighted and not unit:
-                    part *= w[i]
                 total[a:b] += part
         del d, mags
     return masks, total, all_finite
@@ -177,7 +178,8 @@ def _elect_trimmed_unit(flat_base, flats: list, masks: list[TopMask], total: tor
     """TIES / trimmed DRM rule with unit weights, the sums ``total`` and the fallback sign
     already known: ``combine(trimmed, ones, sign_election=True, fallback=fallback)`` chunk
     by chunk, model by model (``add_agreeing_``), in preallocated buffers (no per-chunk
-    allocations)."""
+    allocations). With unit weights TIES's rule (``ties_combine``) is this one with the
+    fallback +1: weighted and unweighted signs agree and the kept weights are a count."""
     size = max(b - a for a, b in spans)
 
     def buf(dtype=compute_dtype):
@@ -207,6 +209,29 @@ def _elect_trimmed_unit(flat_base, flats: list, masks: list[TopMask], total: tor
         else:
             merged /= len(flats)
         _store(out, a, b, bc, merged, scale)
+
+
+def _stack(flats: list, a: int, b: int, compute_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (T, b - a) chunk of every input, in the compute dtype."""
+    stack = torch.empty((len(flats), b - a), dtype=compute_dtype, device=device)
+    for i, f in enumerate(flats):
+        stack[i].copy_(f[a:b])
+    return stack
+
+
+def _linear(flats: list, w: torch.Tensor, spans: list[tuple[int, int]], *, compute_dtype: torch.dtype,
+            device: torch.device, out_dtype: torch.dtype, check_finite) -> torch.Tensor:
+    """``sum_t w_t W_t / sum_t w_t`` chunk by chunk. Only the models' weights enter it: with
+    a ``base_model`` the base still shapes the plan (and supplies the copied tensors), but a
+    merged tensor is never relative to it (subtracting it would average the deltas)."""
+    n = flats[0].numel()
+    out = torch.empty(n, dtype=out_dtype)
+    for a, b in spans:
+        stack = _stack(flats, a, b, compute_dtype, device)
+        if check_finite is not None:
+            check_finite(None, stack)
+        out[a:b] = linear_weights(stack, w).to(out_dtype).cpu()
+    return out
 
 
 def _finite(t: torch.Tensor) -> bool:
