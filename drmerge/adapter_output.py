@@ -183,8 +183,13 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
         if progress:
             progress(Progress(**asdict(state)))
 
+    def check_stop() -> bool:  # planning's hook: a pause keeps nothing here, like a cancel
+        if should_pause is not None and should_pause():
+            raise Interrupted("the merge was interrupted while planning; nothing was written", kept=0)
+        return should_cancel is not None and should_cancel()
+
     report("planning")
-    inputs = Inputs(spec, s3_options)
+    inputs = Inputs(spec, s3_options, should_stop=check_stop)
     out = open_storage(spec.output, s3_options)
     writer: ShardWriter | None = None
     written: list[str] = []

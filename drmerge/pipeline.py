@@ -35,7 +35,7 @@ from . import __version__
 from .adapters import AdapterReader, is_adapter_dir, merge_with_adapters, plan_with_adapters
 from .checkpoint import (DTYPES, INDEX_FILE, MAX_SMALL_FILE_BYTES, CheckpointReader, ShardWriter, index_json,
                          shard_header, shard_names)
-from .errors import Cancelled, Interrupted, MergeError
+from .errors import Cancelled, Interrupted, MergeError, StopPoll
 from .methods import COPY, MATRIX, merged_delta
 from .methods.elementwise import is_elementwise, merge_elementwise
 from .plan import Plan, TensorPlan, build_plan
@@ -97,32 +97,41 @@ def resolve_device(device: str) -> torch.device:
 class Inputs:
     """Open readers for the base (if any) and every model, with the plan over them."""
 
-    def __init__(self, spec: MergeSpec, s3_options: dict | None = None):
+    def __init__(self, spec: MergeSpec, s3_options: dict | None = None, should_stop: CancelFn | None = None):
+        """``should_stop`` is the run's cancel hook (the service's also says when the time
+        limit is up): planning asks it between reads and while it loops over tensors and
+        patterns (errors.StopPoll), so a cancel or a deadline takes effect before merging."""
         self.spec = spec
         self.storages: list[Storage] = []
-        self.base = self._open(spec.base_model, s3_options) if spec.base_model else None
-        self.models = [self._open(m.model, s3_options, i) for i, m in enumerate(spec.models)]
-        uris = [m.model for m in spec.models]
-        self.adapters = [m for m in self.models if isinstance(m, AdapterReader)]
-        if self.adapters or spec.output_format == "adapter":  # LoRA inputs: see adapters.py
-            self.reference, self.plan = plan_with_adapters(spec, self.base, self.models, uris)
-        else:
-            reference = self.base or self.models[0]
-            self.reference = reference
-            self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
-                                         uris if self.base else uris[1:])
+        self.poll = StopPoll(should_stop)
+        try:
+            self.base = self._open(spec.base_model, s3_options) if spec.base_model else None
+            self.models = [self._open(m.model, s3_options, i) for i, m in enumerate(spec.models)]
+            uris = [m.model for m in spec.models]
+            self.adapters = [m for m in self.models if isinstance(m, AdapterReader)]
+            if self.adapters or spec.output_format == "adapter":  # LoRA inputs: see adapters.py
+                self.reference, self.plan = plan_with_adapters(spec, self.base, self.models, uris, self.poll)
+            else:
+                reference = self.base or self.models[0]
+                self.reference = reference
+                self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
+                                             uris if self.base else uris[1:], self.poll)
+        except BaseException:
+            self.close()
+            raise
         self.weights = torch.tensor([m.weight for m in spec.models], dtype=COMPUTE_DTYPE)
         self._copied = {t.name for t in self.plan.tensors if t.kind == COPY}
 
     def _open(self, uri: str, s3_options, index: int | None = None) -> CheckpointReader | AdapterReader:
+        self.poll()
         storage = open_storage(uri, s3_options)
         self.storages.append(storage)
         if is_adapter_dir(storage):
             if index is None:
                 raise MergeError("invalid_spec", f"base_model {uri} is a LoRA adapter (it holds adapter_config.json); "
                                  "the base must be a full checkpoint", param="base_model")
-            return AdapterReader(storage, f"models[{index}] ({uri})", param=f"models[{index}].model")
-        return CheckpointReader(storage)
+            return AdapterReader(storage, f"models[{index}] ({uri})", param=f"models[{index}].model", poll=self.poll)
+        return CheckpointReader(storage, self.poll)
 
     def read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         base = self.base.read(name) if self.base else None
@@ -354,6 +363,7 @@ def plan_fingerprint(spec: MergeSpec, inputs: Inputs) -> str:
     h.update(json.dumps([[t.name for t in shard] for shard in inputs.plan.shards]).encode())
     for reader in ([inputs.base] if inputs.base else []) + inputs.models:
         for name, info in sorted(getattr(reader, "tensors", {}).items()):
+            inputs.poll()
             h.update(json.dumps([name, info.file, info.start, info.length, info.dtype]).encode())
         if isinstance(reader, AdapterReader):  # its factors' locations and its config (scaling)
             h.update(reader.fingerprint().encode())
@@ -381,12 +391,15 @@ def _verified(out: Storage, name: str, size: int, sha256: str) -> str | None:
 
 
 def _kept_shards(out: Storage, plan: Plan, names: list[str], completed: list[dict], fingerprint: str,
-                 warnings: list[str]) -> dict[int, dict]:
+                 warnings: list[str], poll=None) -> dict[int, dict]:
     """The recorded shards that are still exactly what this run would write: shard index
-    -> {name, size, sha256}. Each is read back in full (size and sha256)."""
+    -> {name, size, sha256}. Each is read back in full (size and sha256), ``poll``
+    (cancel, time limit) asked between them."""
     by_name = {e.get("name"): e for e in completed if isinstance(e, dict)}
     kept: dict[int, dict] = {}
     for i, (name, shard) in enumerate(zip(names, plan.shards)):
+        if poll is not None:
+            poll()
         entry = by_name.get(name)
         if entry is None:
             continue
@@ -549,7 +562,7 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
         return False
 
     report("planning")
-    inputs = Inputs(spec, s3_options)
+    inputs = Inputs(spec, s3_options, should_stop=check_stop)
     out = open_storage(spec.output, s3_options)
     writer: _BackgroundWriter | None = None
     extra_written: list[str] = []
@@ -567,7 +580,7 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
             dropped = out.abort_stale_writes()
             if dropped:
                 log.info("aborted %d unfinished upload(s) left in %s by an earlier run", dropped, out.uri)
-            kept = _kept_shards(out, plan, names, completed_shards, fingerprint, plan.warnings)
+            kept = _kept_shards(out, plan, names, completed_shards, fingerprint, plan.warnings, inputs.poll)
         for warning in plan.warnings:  # also logged, so a caller sees them if the merge fails later
             log.warning(warning)
         timings["plan_s"] = time.perf_counter() - started
