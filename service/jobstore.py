@@ -35,7 +35,9 @@ Reliability fields of a job hash (service/reaper.py, worker/runner.py):
 judges staleness against Redis's own clock, so host clock skew does not matter),
 ``shards`` (JSON list of output shards committed so far, ``{name, size, sha256, plan}``:
 a restarted attempt verifies and keeps them), ``handoffs`` (times a worker gave the job
-back on shutdown: not failures, so they do not count against ``job_max_attempts``) and
+back on shutdown: not failures, so they do not count against ``job_max_attempts``),
+``queue`` (the Celery queue the job was submitted to: every later message for it, a
+re-queue, a re-send or a cleanup request, goes there, whichever process sends it) and
 ``cleanup`` (``pending`` when a job ended without its worker, which left partial output
 that the next worker to see the job removes).
 """
@@ -204,6 +206,7 @@ class Job:
     handoffs: int = 0
     cleanup: str | None = None
     tenant: str = "default"
+    queue: str | None = None  # the Celery queue it was sent to (None: a record older than this field)
 
     @classmethod
     def from_hash(cls, h: dict) -> "Job":
@@ -224,7 +227,7 @@ class Job:
             cancel_requested_at=num("cancel_requested_at"), enqueued_at=num("enqueued_at"),
             heartbeat_at=num("heartbeat_at"), shards=js("shards") or [], handoffs=int(h.get("handoffs") or 0),
             cleanup=h.get("cleanup") or None,
-            tenant=h.get("tenant") or "default",
+            tenant=h.get("tenant") or "default", queue=h.get("queue") or None,
         )
 
     @property
@@ -522,10 +525,11 @@ class JobStore:
     # --- create and read ----------------------------------------------------------------
     def create(self, spec: dict, output: str, *, metadata: dict | None = None, webhook: dict | None = None,
                idempotency_key: str | None = None, request_hash: str | None = None,
-               now: float | None = None, tenant: str = "default", max_queued: int = 0) -> tuple[Job, bool]:
-        """Store a new queued job of ``tenant``. Returns (job, created); created is False
-        when the tenant used the idempotency key before with the same body (the earlier
-        job comes back).
+               now: float | None = None, tenant: str = "default", max_queued: int = 0,
+               queue: str | None = None) -> tuple[Job, bool]:
+        """Store a new queued job of ``tenant``, to be sent to Celery queue ``queue``.
+        Returns (job, created); created is False when the tenant used the idempotency key
+        before with the same body (the earlier job comes back).
 
         ``output`` is a canonical location (drmerge.locations; parse_spec makes them).
 
@@ -543,6 +547,8 @@ class JobStore:
                   "attempts": "0", "tenant": tenant}
         if webhook:
             fields["webhook"] = json.dumps(webhook)
+        if queue:
+            fields["queue"] = queue
         if idempotency_key:
             fields["idempotency_key"] = idempotency_key
         ev = _event("status", "job created", now, to="queued")
@@ -565,7 +571,7 @@ class JobStore:
                 self.r.delete(idem_key)
                 return self.create(spec, output, metadata=metadata, webhook=webhook,
                                    idempotency_key=idempotency_key, request_hash=request_hash, now=now,
-                                   tenant=tenant, max_queued=max_queued)
+                                   tenant=tenant, max_queued=max_queued, queue=queue)
             return job, False
         if kind == "idem_conflict":
             raise IdempotencyConflict(idempotency_key, ref)

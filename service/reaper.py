@@ -16,6 +16,11 @@ Instead the owning attempt stamps ``heartbeat_at`` in the job record every
 - ``queued`` with no message known to be sent (the API died between storing the job and
   publishing it) older than ``job_heartbeat_timeout_s``: the message is sent.
 
+Every message goes to the job's own queue (the ``queue`` its record got at submission),
+never to this process's ``DRMERGE_QUEUE``: one reaper serves worker pools on several
+queues, and a job must only reach the pool it was sent to. A record without one (made
+before the field existed) falls back to this process's queue.
+
 Where it runs: in every API process and every worker (``reaper_interval_s``). The API is
 the one part that is always up (workers may scale to zero, and the message a re-queue
 sends is what wakes the autoscaler); workers run it too so that recovery does not depend
@@ -46,7 +51,7 @@ class Reaper:
     def __init__(self, store: JobStore, settings, enqueue, name: str | None = None):
         self.store = store
         self.settings = settings
-        self.enqueue = enqueue  # job_id -> None: publish a merge message
+        self.enqueue = enqueue  # (job_id, queue) -> None: publish a merge message to that queue
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self.lease_key = f"{store.p}:reaper"
         self._connected_since: float | None = None
@@ -111,7 +116,7 @@ class Reaper:
                                           message=f"cancelled: {who} vanished (no heartbeat for {quiet}s) "
                                                   "before it stopped")
                     done["cancelled"].append(job_id)
-                    self._send_cleanup(job_id)
+                    self._send_cleanup(job_id, job.queue)
                 elif job.lost >= s.job_max_attempts:
                     self.store.transition(
                         job_id, "failed", from_={"running"}, attempt=job.attempts, stale_after=limit,
@@ -122,7 +127,7 @@ class Reaper:
                                                      f"(DRMERGE_JOB_MAX_ATTEMPTS={s.job_max_attempts}); giving up"}},
                         message=f"failed: {who} vanished (no heartbeat for {quiet}s); too many lost workers")
                     done["failed"].append(job_id)
-                    self._send_cleanup(job_id)
+                    self._send_cleanup(job_id, job.queue)
                 else:
                     self.store.transition(
                         job_id, "queued", from_={"running"}, attempt=job.attempts, stale_after=limit,
@@ -130,7 +135,7 @@ class Reaper:
                         message=f"{who} vanished (no heartbeat for {quiet}s); re-queued "
                                 f"(lost {job.lost} of at most {s.job_max_attempts} workers)")
                     done["requeued"].append(job_id)
-                    self._send(job_id)
+                    self._send(job_id, job.queue)
             except (StillAlive, StaleAttempt, IllegalTransition):
                 continue  # it came back, or moved on, meanwhile
             log.warning("reaper: job %s: %s vanished (no heartbeat for %ss)", job_id, who, quiet)
@@ -143,30 +148,33 @@ class Reaper:
             return
         pipe = self.store.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(self.store.k_job(job_id), "enqueued_at", "updated_at")
+            pipe.hmget(self.store.k_job(job_id), "enqueued_at", "updated_at", "queue")
         cutoff = time.time() - self.settings.job_heartbeat_timeout_s
-        for job_id, (enqueued, updated) in zip(ids, pipe.execute()):
+        for job_id, (enqueued, updated, queue) in zip(ids, pipe.execute()):
             if enqueued or float(updated or 0) > cutoff:
                 continue
-            if self._send(job_id):
+            if self._send(job_id, queue):
                 self.store.add_event(job_id, "status", "its queue message was never sent; sent it now")
                 done["sent"].append(job_id)
 
-    def _send(self, job_id: str) -> bool:
+    def _queue(self, queue: str | None) -> str:
+        return queue or self.settings.queue  # a record older than the queue field
+
+    def _send(self, job_id: str, queue: str | None) -> bool:
         if not self.store.claim_enqueue(job_id):
             return False
         try:
-            self.enqueue(job_id)
+            self.enqueue(job_id, self._queue(queue))
         except Exception as e:
             self.store.r.hset(self.store.k_job(job_id), "enqueued_at", "")  # the next sweep retries
             log.warning("reaper: cannot queue job %s: %s", job_id, e)
             return False
         return True
 
-    def _send_cleanup(self, job_id: str) -> None:
+    def _send_cleanup(self, job_id: str, queue: str | None) -> None:
         """A message for an ended job: the worker receiving it removes the partial output."""
         try:
-            self.enqueue(job_id)
+            self.enqueue(job_id, self._queue(queue))
         except Exception as e:
             log.warning("reaper: cannot ask a worker to clean up after job %s: %s", job_id, e)
 

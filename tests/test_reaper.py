@@ -28,14 +28,23 @@ def settings(s3_server, **kw) -> Settings:
 
 
 class Sent(list):
-    """The reaper's enqueue callable: records the job ids it was asked to send."""
+    """The reaper's enqueue callable: records the job ids it was asked to send (and, in
+    ``queues``, the queue each went to)."""
 
-    def __call__(self, job_id):
+    def __init__(self):
+        super().__init__()
+        self.queues: list[str] = []
+
+    def __call__(self, job_id, queue):
         self.append(job_id)
+        self.queues.append(queue)
+
+
+JOB_QUEUE = "pool-a"  # the queue the test jobs were submitted to; the settings' default differs
 
 
 def queued(store, spec=None, output=None) -> str:
-    job, _ = store.create(spec or {"method": "drm"}, output or f"s3://bkt/{uuid.uuid4().hex}/")
+    job, _ = store.create(spec or {"method": "drm"}, output or f"s3://bkt/{uuid.uuid4().hex}/", queue=JOB_QUEUE)
     return job.id
 
 
@@ -256,3 +265,36 @@ def test_a_zombie_attempt_never_deletes_the_newer_attempt_s_shards(store, s3_ser
     keys = list_keys(s3_client, s3_bucket, "merged/zombie/")
     assert {f"merged/zombie/{e['name']}" for e in job.shards} <= set(keys)
     assert zombie._lost.is_set()
+
+
+def test_every_resend_goes_to_the_job_s_own_queue(store, s3_server):
+    """A reaper serves pools on several queues: the re-queue, the unsent re-send, the
+    cleanup request and a worker's hand-back all go to the queue the job was submitted to,
+    never to the sending process's own DRMERGE_QUEUE (issue 18: a poison job re-queued
+    to the reaper's default queue reached a worker pool it was never sent to)."""
+    s = settings(s3_server, queue="pool-b", job_max_attempts=2)
+    assert s.queue != JOB_QUEUE
+    sent = Sent()
+    reaper = Reaper(store, s, sent)
+    requeued, _ = claimed(store, s)
+    sweep_until(reaper, lambda d: d["requeued"] == [requeued])
+    unsent = queued(store)
+    sweep_until(reaper, lambda d: d["sent"] == [unsent])
+    # a job that lost its second worker too: failed, and a cleanup request is sent
+    assert JobRunner(store, s, "w-b").claim(requeued) == 2
+    store.job_heartbeat(requeued, 2)
+    sweep_until(reaper, lambda d: d["failed"] == [requeued])
+    assert sent == [requeued, unsent, requeued] and sent.queues == [JOB_QUEUE] * 3
+    # a worker handing a job back on shutdown sends it to the job's queue too
+    handback = Sent()
+    runner = JobRunner(store, s, "w-c", enqueue=handback)
+    job_id = queued(store)
+    attempt = runner.claim(job_id)
+    runner._hand_back(job_id, attempt, {}, None)
+    assert handback == [job_id] and handback.queues == [JOB_QUEUE]
+    assert store.require(job_id).queue == JOB_QUEUE
+    # a record made before jobs had a queue falls back to the sender's own
+    legacy = queued(store)
+    store.r.hdel(store.k_job(legacy), "queue")
+    sweep_until(reaper, lambda d: d["sent"] == [legacy])
+    assert sent.queues[-1] == "pool-b"

@@ -165,7 +165,7 @@ class JobRunner:
         self.worker_name = worker_name
         self.device = device or settings.worker_device
         self._run_merge = run_merge  # injectable engine entry point; default drmerge.pipeline.run_merge
-        self.enqueue = enqueue  # job_id -> None: publish a merge message (hand-backs); None: leave it to the reaper
+        self.enqueue = enqueue  # (job_id, queue) -> None: publish a merge message (hand-backs); None: the reaper does
         self.current_job: str | None = None
         self.current_attempt: int | None = None
         self.shutting_down = threading.Event()  # set by the worker's SIGTERM hook
@@ -360,18 +360,19 @@ class JobRunner:
         except (StaleAttempt, IllegalTransition) as e:
             log.warning("job %s: cannot hand it back: %s", job_id, e)
             return None
-        self._send(job_id)
+        self._send(job_id, job.queue if job else None)
         log.info("job %s handed back to the queue", job_id)
         return "queued"
 
-    def _send(self, job_id: str) -> None:
-        """Publish a merge message for a queued job (the reaper does it if this fails)."""
+    def _send(self, job_id: str, queue: str | None) -> None:
+        """Publish a merge message for a queued job to its own queue (the reaper does it
+        if this fails)."""
         if self.enqueue is None:
             return
         try:
             if self.store.claim_enqueue(job_id):
                 try:
-                    self.enqueue(job_id)
+                    self.enqueue(job_id, queue or self.settings.queue)
                 except Exception:
                     self.store.r.hset(self.store.k_job(job_id), "enqueued_at", "")
                     raise

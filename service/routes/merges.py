@@ -154,7 +154,8 @@ def create_merge(body: MergeRequest, response: Response,
         job, created = store.create(spec.to_dict(), spec.output, metadata=body.metadata, webhook=webhook,
                                     idempotency_key=idempotency_key,
                                     request_hash=body_hash(body.model_dump(mode="json")),
-                                    tenant=principal.tenant, max_queued=settings.max_queued_per_tenant)
+                                    tenant=principal.tenant, max_queued=settings.max_queued_per_tenant,
+                                    queue=settings.queue)
     except IdempotencyConflict as e:
         raise Problem(422, "idempotency_key_reused", str(e), "Idempotency-Key") from None
     except OutputBusy as e:
@@ -173,7 +174,7 @@ def create_merge(body: MergeRequest, response: Response,
         # A replay re-sends a job whose first enqueue never happened (an API crash
         # between create and send); the worker's claim makes a duplicate harmless.
         try:
-            celery.send_task(MERGE_TASK, args=[job.id], queue=settings.queue, task_id=job.id)
+            celery.send_task(MERGE_TASK, args=[job.id], queue=job.queue or settings.queue, task_id=job.id)
             store.mark_enqueued(job.id)
         except Exception as e:
             log.exception("could not enqueue %s", job.id)
