@@ -257,6 +257,20 @@ class Job:
         }
 
 
+def lost_workers_error(lost: int, max_attempts: int, what: str) -> dict:
+    """The error of a job that lost ``job_max_attempts`` workers, whichever process notices
+    (the reaper: heartbeats stopped; a worker's claim: a redelivery whose worker is gone).
+
+    ``internal_error``, not ``timeout``: nothing ran out of time (``timeout`` is the job
+    time limit, and tells the caller the merge was too long for it); the service lost the
+    processes running it (killed for memory, crashed, node lost), a failure on the
+    service's side that the caller cannot fix by changing the spec or the limit. A
+    worker-killing input is a bug in its guards, which is what the code says."""
+    return {"code": "internal_error", "param": None,
+            "message": f"{what}, and this job has now lost {lost} workers (out of memory or killed?; "
+                       f"DRMERGE_JOB_MAX_ATTEMPTS={max_attempts}); giving up"}
+
+
 def empty_progress() -> dict:
     return {"stage": None, "tensors_done": 0, "tensors_total": 0, "bytes_read": 0, "bytes_written": 0,
             "fraction": 0.0, "eta_seconds": None}

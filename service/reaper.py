@@ -9,7 +9,7 @@ Instead the owning attempt stamps ``heartbeat_at`` in the job record every
 
 - ``running``: back to ``queued`` with a fresh message (the next attempt resumes from the
   shards already committed), or, once the job has lost ``job_max_attempts`` workers,
-  ``failed`` with ``timeout``;
+  ``failed`` with ``internal_error`` (jobstore.lost_workers_error says why that code);
 - ``cancelling``: ``cancelled`` (nobody is left to stop);
 - a job that ends here is marked ``cleanup: pending`` and a message is sent anyway: the
   worker that receives it removes the partial output (the API has no S3 credentials);
@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 
-from .jobstore import IllegalTransition, JobStore, StaleAttempt, StillAlive
+from .jobstore import IllegalTransition, JobStore, StaleAttempt, StillAlive, lost_workers_error
 
 log = logging.getLogger("drmerge.reaper")
 
@@ -121,10 +121,8 @@ class Reaper:
                     self.store.transition(
                         job_id, "failed", from_={"running"}, attempt=job.attempts, stale_after=limit,
                         fields={"cleanup": "pending",
-                                "error": {"code": "timeout", "param": None,
-                                          "message": f"{who} stopped sending heartbeats (none for {quiet}s) and "
-                                                     f"this job has now lost {job.lost} workers "
-                                                     f"(DRMERGE_JOB_MAX_ATTEMPTS={s.job_max_attempts}); giving up"}},
+                                "error": lost_workers_error(job.lost, s.job_max_attempts,
+                                                            f"{who} stopped sending heartbeats (none for {quiet}s)")},
                         message=f"failed: {who} vanished (no heartbeat for {quiet}s); too many lost workers")
                     done["failed"].append(job_id)
                     self._send_cleanup(job_id, job.queue)

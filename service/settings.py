@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(0.5, description="Least time between two progress writes of one job.")
     job_heartbeat_timeout_s: float = Field(
         120.0, description="A running job whose heartbeat is older than this is re-queued (resuming from its "
-                           "committed shards), or failed with `timeout` once it has lost `job_max_attempts` workers.")
+                           "committed shards), or failed with `internal_error` once it has lost `job_max_attempts` workers.")
     reaper_interval_s: float = Field(
         15.0, description="How often API and worker processes look for such jobs (one process at a time, by "
                           "lease); 0 turns the reaper off in this process.")

@@ -140,7 +140,7 @@ def test_one_reaper_sweeps_at_a_time_and_waits_after_reconnecting(store, s3_serv
     assert store.r.get(a.lease_key) is None
 
 
-def test_a_job_that_lost_too_many_workers_fails_with_timeout_and_is_cleaned(store, s3_server, s3_client, family):
+def test_a_job_that_lost_too_many_workers_fails_with_internal_error_and_is_cleaned(store, s3_server, s3_client, family):
     from drmerge.spec import parse_spec
 
     s = settings(s3_server, job_max_attempts=2)
@@ -160,7 +160,7 @@ def test_a_job_that_lost_too_many_workers_fails_with_timeout_and_is_cleaned(stor
     reaper.enqueue = sent
     sweep_until(reaper, lambda d: d["failed"] == [job_id])
     job = store.require(job_id)
-    assert job.status == "failed" and job.error["code"] == "timeout" and "lost 2 workers" in job.error["message"]
+    assert job.status == "failed" and job.error["code"] == "internal_error" and "lost 2 workers" in job.error["message"]
     assert job.cleanup == "pending" and sent == [job_id]  # a message for a worker to clean up
     # the worker that receives it removes the partial output and drops the message
     assert JobRunner(store, s, "w3").run(job_id) is None

@@ -58,7 +58,7 @@ def test_a_job_that_keeps_killing_workers_fails(store, s3_server):
     assert JobRunner(store, s, "w2").claim(job_id) == 2
     assert JobRunner(store, s, "w3").claim(job_id) is None
     job = store.require(job_id)
-    assert job.status == "failed" and job.error["code"] == "internal_error" and "lost 2 times" in job.error["message"]
+    assert job.status == "failed" and job.error["code"] == "internal_error" and "lost 2 workers" in job.error["message"]
 
 
 def test_cancelled_finished_and_unknown_jobs_never_run(store, s3_server):

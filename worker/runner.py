@@ -30,7 +30,7 @@ import os
 import threading
 import time
 
-from service.jobstore import IllegalTransition, JobStore, StaleAttempt, empty_progress
+from service.jobstore import IllegalTransition, JobStore, StaleAttempt, empty_progress, lost_workers_error
 
 log = logging.getLogger("drmerge.worker")
 
@@ -209,9 +209,8 @@ class JobRunner:
                     return None
                 if job.lost >= self.settings.job_max_attempts:
                     if self._finish(job_id, "failed", attempt=job.attempts, from_={"running"},
-                                    error={"code": "internal_error", "param": None,
-                                           "message": f"the worker running this job was lost {job.lost} times "
-                                                      "(out of memory or killed?); giving up"},
+                                    error=lost_workers_error(job.lost, self.settings.job_max_attempts,
+                                                             f"worker {owner or '?'} was lost"),
                                     message="too many lost workers"):
                         self._discard_output(self.store.require(job_id))
                     return None
