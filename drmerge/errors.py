@@ -33,6 +33,10 @@ class MergeError(Exception):
         self.code = code
         self.message = message
         self.param = param
+        # Set by a failed run whose output it could not remove (storage unavailable): the
+        # objects that may remain, for the caller to remove later (pipeline.discard_partial_output).
+        # Not part of the error itself: the code and message stay the original failure's.
+        self.cleanup_pending: list[str] = []
 
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message, "param": self.param}

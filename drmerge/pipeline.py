@@ -6,6 +6,9 @@ one is merged, and a writer thread streams finished tensors into the shard that 
 open (headers are planned up front, so shards are written front to back). Between
 tensors the cancel hook is polled. On any failure everything this run wrote is
 removed, and ``drmerge.json``, the completeness marker, is only ever written last.
+If that removal fails too (the storage is unreachable), the run still raises its original
+error, carrying ``cleanup_pending`` (what may remain): the service removes it later with
+``discard_partial_output``, retrying until it succeeds.
 
 Resume: each committed shard is reported (``on_shard``: name, size, sha256 and a plan
 fingerprint) and a later run given those entries as ``completed_shards`` reads them back,
@@ -460,15 +463,52 @@ def adapter_summary(adapter: dict | None) -> dict | None:
     return {"rank": adapter.get("rank"), "energy_kept": adapter.get("energy_kept")}
 
 
+def remove_partial_output(out: Storage, names: list[str]) -> list[str]:
+    """Remove what a failed run wrote (the objects ``names``, and any upload whose abort
+    failed) and return what may remain: ``[]`` once nothing of the run is left.
+
+    Runs on failure paths, so it never raises: an error here must not replace the run's
+    own. It stops at the first failure (the storage is likely unreachable, and every
+    further request would wait out its retries too) and reports everything not yet done."""
+    pending = list(dict.fromkeys(names))
+    try:
+        if out.unaborted_writes():
+            out.abort_stale_writes(strict=True)
+        while pending:
+            out.delete(pending[0])
+            pending.pop(0)
+    except Exception as e:
+        left = list(dict.fromkeys(pending + out.unaborted_writes()))
+        log.warning("could not remove the partial output in %s (%s); left for a later cleanup: %s",
+                    out.uri, e, ", ".join(left)[:1000])
+        return left
+    return []
+
+
+def _raise_failure(e: BaseException, left: list[str]):
+    """Re-raise a failed run's error, carrying what its cleanup left (``cleanup_pending``);
+    anything but a MergeError becomes ``internal_error``. Call inside ``except``."""
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        raise e
+    if isinstance(e, MergeError):
+        e.cleanup_pending = list(left)
+        raise e
+    err = MergeError("internal_error", f"unexpected {e.__class__.__name__}: {e}")
+    err.cleanup_pending = list(left)
+    raise err from e
+
+
 def discard_partial_output(spec: MergeSpec, shards: list[dict], s3_options: dict | None = None) -> list[str]:
-    """Remove what an abandoned run left in its output (a job that ended without its
-    worker): the shards it recorded, its index and its pending uploads. A complete merge
-    (``drmerge.json`` present) is left alone. Returns the names removed."""
+    """Remove what a run that did not finish left in its output: the objects in
+    ``shards`` (its recorded shards, and the names a failed run's own cleanup could not
+    remove: ``MergeError.cleanup_pending``), its index and its pending uploads. A complete
+    merge (``drmerge.json`` present) is left alone. Returns the names removed; raises
+    MergeError if the storage fails, so that the caller knows to try again later."""
     out = open_storage(spec.output, s3_options)
     try:
         if out.exists(MARKER):
             return []
-        out.abort_stale_writes()
+        out.abort_stale_writes(strict=True)
         removed = []
         for name in [e.get("name") for e in shards if isinstance(e, dict)] + [INDEX_FILE]:
             if isinstance(name, str) and name and "/" not in name and out.exists(name):
@@ -650,14 +690,10 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
                 raise
             raise Interrupted(f"the merge stopped while a pause was requested ({e}); committed shards kept",
                               kept=n_kept) from e
-        for name in (writer.written if writer is not None else []) + [k["name"] for k in kept.values()] + extra_written:
-            out.delete(name)
+        left = remove_partial_output(
+            out, (writer.written if writer is not None else []) + [k["name"] for k in kept.values()] + extra_written)
         _remove_empty_local_dir(out)
-        if isinstance(e, MergeError):
-            raise
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise MergeError("internal_error", f"unexpected {e.__class__.__name__}: {e}") from e
+        _raise_failure(e, left)
     finally:
         inputs.close()
         out.close()

@@ -13,6 +13,11 @@ Instead the owning attempt stamps ``heartbeat_at`` in the job record every
 - ``cancelling``: ``cancelled`` (nobody is left to stop);
 - a job that ends here is marked ``cleanup: pending`` and a message is sent anyway: the
   worker that receives it removes the partial output (the API has no S3 credentials);
+- a job whose cleanup is pending (ended here, or its run could not remove its partial
+  output because S3 was unreachable) is sent to a worker again each time its retry is due,
+  backing off from ``cleanup_backoff_base_s`` up to ``cleanup_backoff_max_s``, until a
+  worker finds its output clean; after ``cleanup_max_attempts`` tries it is given up
+  (``cleanup: failed``, an event says what may remain) and its output released;
 - ``queued`` with no message known to be sent (the API died between storing the job and
   publishing it) older than ``job_heartbeat_timeout_s``: the message is sent.
 
@@ -70,9 +75,11 @@ class Reaper:
         return False
 
     def sweep(self, force: bool = False) -> dict:
-        """Look once; returns what was done: {"requeued", "failed", "cancelled", "sent"}
-        (lists of job ids). ``force`` skips the lease and the reconnect grace (tests)."""
-        done: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "sent": []}
+        """Look once; returns what was done: {"requeued", "failed", "cancelled", "sent",
+        "cleanup", "cleanup_given_up"} (lists of job ids). ``force`` skips the lease and the
+        reconnect grace (tests)."""
+        done: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "sent": [], "cleanup": [],
+                                      "cleanup_given_up": []}
         try:
             if not force:
                 if not self._hold_lease():
@@ -85,6 +92,7 @@ class Reaper:
                     return done  # just (re)connected: let workers refresh their heartbeats first
             self._reap_stale(done)
             self._send_unsent(done)
+            self._retry_cleanups(done)
         except Exception as e:  # Redis away: judge nothing until it has been back a while
             self._connected_since = None
             log.warning("reaper: %s", e)
@@ -113,6 +121,7 @@ class Reaper:
                 if job.status == "cancelling":
                     self.store.transition(job_id, "cancelled", from_={"cancelling"}, attempt=job.attempts,
                                           stale_after=limit, fields={"cleanup": "pending"},
+                                          cleanup_due=time.time() + s.cleanup_backoff_base_s,
                                           message=f"cancelled: {who} vanished (no heartbeat for {quiet}s) "
                                                   "before it stopped")
                     done["cancelled"].append(job_id)
@@ -120,6 +129,7 @@ class Reaper:
                 elif job.lost >= s.job_max_attempts:
                     self.store.transition(
                         job_id, "failed", from_={"running"}, attempt=job.attempts, stale_after=limit,
+                        cleanup_due=time.time() + s.cleanup_backoff_base_s,
                         fields={"cleanup": "pending",
                                 "error": lost_workers_error(job.lost, s.job_max_attempts,
                                                             f"{who} stopped sending heartbeats (none for {quiet}s)")},
@@ -154,6 +164,28 @@ class Reaper:
             if self._send(job_id, queue):
                 self.store.add_event(job_id, "status", "its queue message was never sent; sent it now")
                 done["sent"].append(job_id)
+
+    def _retry_cleanups(self, done: dict) -> None:
+        """Jobs whose partial output is still to be removed and whose next try is due."""
+        s = self.settings
+        for job_id in self.store.due_cleanups():
+            claimed = self.store.claim_cleanup(job_id, s.cleanup_backoff_base_s, s.cleanup_backoff_max_s)
+            if claimed is None:
+                continue
+            attempt, queue = claimed
+            if attempt > s.cleanup_max_attempts:
+                job = self.store.get(job_id)
+                left = sorted({e.get("name") for e in (job.shards if job else []) if isinstance(e, dict)}
+                              | set(job.cleanup_files if job else []))
+                self.store.end_cleanup(job_id, "failed", f"gave up removing the partial output after {attempt - 1} "
+                                       f"tries (DRMERGE_CLEANUP_MAX_ATTEMPTS={s.cleanup_max_attempts}); remove what "
+                                       f"is left of it by hand: {', '.join(map(str, left))[:1500] or 'its output prefix'}"
+                                       ", and any unfinished multipart uploads there")
+                log.warning("reaper: job %s: gave up removing its partial output", job_id)
+                done["cleanup_given_up"].append(job_id)
+                continue
+            self._send_cleanup(job_id, queue)
+            done["cleanup"].append(job_id)
 
     def _queue(self, queue: str | None) -> str:
         return queue or self.settings.queue  # a record older than the queue field

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(
         15.0, description="How often API and worker processes look for such jobs (one process at a time, by "
                           "lease); 0 turns the reaper off in this process.")
+    cleanup_max_attempts: int = Field(
+        12, description="Tries at removing a failed job's partial output (the storage was unreachable when it "
+                        "failed) before it is given up and left for an operator.")
+    cleanup_backoff_base_s: float = Field(30.0, description="Delay before the first such retry; doubles each retry.")
+    cleanup_backoff_max_s: float = Field(3600.0, description="Cap on the delay between two cleanup retries.")
     api_shutdown_timeout_s: float = Field(
         30.0, description="On SIGTERM the API stops accepting connections and waits this long for in-flight requests.")
     allow_local_root: str | None = Field(
