@@ -12,7 +12,8 @@ import threading
 import pytest
 
 from tests.conftest import _family, list_keys
-from tests.reliability_stack import Stack, local_merge, object_fingerprints, output_files, pending_uploads, wait_until
+from tests.reliability_stack import (SLOW_PLAN_SHARDS, Stack, local_merge, object_fingerprints, output_files,
+                                     pending_uploads, shard_headers_read, slow_plan_spec, wait_until)
 from tests.servers import FaultyS3Proxy
 
 pytestmark = pytest.mark.slow
@@ -204,3 +205,24 @@ def test_an_outage_during_the_upload_fails_the_job_with_its_error_and_the_output
     assert any(e["type"] == "cleanup" and e.get("outcome") == "done" for e in stack.events(job["id"]))
     again = stack.wait(stack.submit(spec)["id"], timeout=150)  # the output is free, the worker fine
     assert again["status"] == "succeeded", again
+
+
+# ---------------------------------------------------------------- cancel while planning (issue 18, item 4)
+
+def test_a_cancel_takes_effect_while_a_slow_plan_reads_headers(faulty, s3_client, s3_bucket, tmp_path):
+    """Planning asks the cancel hook between reads: a job cancelled while its plan reads
+    80 shard headers over a slow S3 stops after the header in hand, not ~50 s later."""
+    stack, proxy = faulty
+    proxy.clear()
+    spec = slow_plan_spec(s3_client, s3_bucket, tmp_path, proxy, "merged/slowplan/")
+    job = stack.submit(spec)
+    wait_until(lambda: len(shard_headers_read(proxy)) >= 3, 60, "planning to read shard headers")
+    assert stack.job(job["id"])["progress"]["stage"] == "planning"
+    r = stack.http.post(f"/v1/merges/{job['id']}/cancel")
+    assert r.status_code == 202, r.text
+    read_at_cancel = len(shard_headers_read(proxy))
+    done = stack.wait(job["id"], timeout=30)  # well under the ~50 s the whole plan takes
+    assert done["status"] == "cancelled", done
+    assert len(shard_headers_read(proxy)) <= read_at_cancel + 2 < 2 * SLOW_PLAN_SHARDS  # stopped inside planning
+    assert done["progress"]["tensors_done"] == 0
+    assert list_keys(s3_client, s3_bucket, "merged/slowplan/") == []
