@@ -27,7 +27,9 @@ class Settings(BaseSettings):
         75, description="Idle keep-alive connections of `drmerge api` close after this; keep it above your load "
                         "balancer's idle timeout.")
     broker_url: str | None = Field(None, description="Celery broker; unset means `redis_url`.")
-    queue: str = Field("drmerge", description="Celery queue the merge tasks go to.")
+    queue: str = Field("drmerge", description="Celery queue the merge tasks go to (and a worker consumes). A job "
+                                              "keeps the queue it was submitted to: its re-queues, re-sends and "
+                                              "cleanup requests go there, whichever process sends them.")
     key_prefix: str = Field("drmerge", description="Prefix of every Redis key the job store writes.")
 
     # Jobs.
