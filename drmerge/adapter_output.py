@@ -168,9 +168,9 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
     complete for this spec, else starts over; a pause keeps nothing. Committed files are
     still reported through ``on_shard`` so an abandoned run's leftovers can be removed.
     """
-    from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _finished_or_preflight,
+    from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _finished_or_preflight, _raise_failure,
                            _remove_empty_local_dir, _remove_stale_weights, adapter_summary, keep_output_after_failure,
-                           plan_fingerprint, resolve_device)
+                           plan_fingerprint, remove_partial_output, resolve_device)
 
     started = time.perf_counter()
     created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
@@ -183,8 +183,13 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
         if progress:
             progress(Progress(**asdict(state)))
 
+    def check_stop() -> bool:  # planning's hook: a pause keeps nothing here, like a cancel
+        if should_pause is not None and should_pause():
+            raise Interrupted("the merge was interrupted while planning; nothing was written", kept=0)
+        return should_cancel is not None and should_cancel()
+
     report("planning")
-    inputs = Inputs(spec, s3_options)
+    inputs = Inputs(spec, s3_options, should_stop=check_stop)
     out = open_storage(spec.output, s3_options)
     writer: ShardWriter | None = None
     written: list[str] = []
@@ -280,12 +285,9 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
             if isinstance(e, Interrupted):
                 raise
             raise Interrupted(f"the merge stopped while a pause was requested ({e})", kept=0) from e
-        for name in written:
-            out.delete(name)
+        left = remove_partial_output(out, written)
         _remove_empty_local_dir(out)
-        if isinstance(e, (MergeError, KeyboardInterrupt, SystemExit)):
-            raise
-        raise MergeError("internal_error", f"unexpected {e.__class__.__name__}: {e}") from e
+        _raise_failure(e, left)
     finally:
         inputs.close()
         out.close()

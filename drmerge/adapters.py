@@ -22,13 +22,12 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-import regex
 import torch
 
-from .checkpoint import DTYPES, MAX_SMALL_FILE_BYTES, TensorInfo, parse_header
-from .errors import MergeError
+from .checkpoint import DTYPES, TensorInfo, parse_header
+from .errors import MergeError, StopPoll
 from .methods.drm_lowrank import LowRank
-from .plan import MATCH_TIMEOUT_S
+from .patterns import Matcher, Pattern, compile_pattern, compile_patterns
 from .storage import Storage
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,6 +36,13 @@ PEFT_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
 BASE_LAYER_SUFFIX = ".base_layer.weight"  # PEFT's save_embedding_layers: a full copy of an adapted layer
+# Bounds on what a config may hold (a larger one is corrupt_checkpoint): PEFT writes a few
+# hundred bytes, and a rank_pattern with one key per module of a 100-layer model ~50 KB.
+# Each key is a regular expression matched against every module (patterns.py), so their
+# number bounds planning time as well as memory.
+MAX_ADAPTER_CONFIG_BYTES = 4 * 1024 * 1024
+MAX_CONFIG_PATTERNS = 4096  # keys of rank_pattern, and of alpha_pattern
+PATTERN_MAPPINGS = ("rank_pattern", "alpha_pattern")
 
 # Config flags that change what the adapter does to the weights, with why we refuse them.
 REFUSED_FLAGS = {
@@ -89,33 +95,44 @@ class LoraModule:
         return (inp, out) if self.fan_in_fan_out else (out, inp)
 
 
-def pattern_key(patterns, module_key: str) -> str | None:
+def peft_key_regex(key: str) -> str:
+    """What PEFT matches a ``rank_pattern``/``alpha_pattern`` key as (``re.match``)."""
+    return rf"(.*\.)?({key})$"
+
+
+def pattern_key(patterns, module_key: str, matcher: Matcher | None = None) -> str | None:
     """The ``rank_pattern``/``alpha_pattern`` key that applies to a module, as PEFT picks
     it (``peft.utils.other.get_pattern_key``): the first key ``k`` in order for which
     ``(.*\\.)?(k)$`` matches the module name from its start.
 
-    Keys are regular expressions from an input file, so each match is bounded in time like
-    the spec's select patterns (a ``TimeoutError`` escapes to the caller)."""
-    for key in patterns:
-        if regex.match(rf"(.*\.)?({key})$", module_key, timeout=MATCH_TIMEOUT_S):
-            return key
+    ``patterns`` are compiled keys (``Pattern``, see ``AdapterReader``) or key strings,
+    which go through the same guarded compile; keys come from an input file, so each match
+    is time-bounded (``matcher``) like the spec's select patterns."""
+    matcher = matcher or Matcher()
+    for p in patterns:
+        if not isinstance(p, Pattern):
+            p = compile_pattern(p, "rank_pattern/alpha_pattern key", code="corrupt_checkpoint", wrap=peft_key_regex)
+        if matcher.match(p, module_key, "module names"):
+            return p.text
     return None
 
 
 class AdapterReader:
     """One PEFT LoRA adapter: validated config and factors, mapped onto base tensor names."""
 
-    def __init__(self, storage: Storage, label: str, param: str | None = None):
+    def __init__(self, storage: Storage, label: str, param: str | None = None, poll=None):
         self.storage = storage
         self.label = label  # "models[1] (s3://bucket/lora-a/)", for messages
         self.param = param
+        self.poll = poll or StopPoll()  # cancel and time limit, asked while planning
+        self.patterns: dict[str, list[Pattern]] = {}  # rank_pattern/alpha_pattern, compiled by _check_config
         self.files = set(storage.list_files())
         self.config = self._read_config()
         if ADAPTER_WEIGHTS not in self.files:
             pickled = sorted(f for f in self.files if f.startswith("adapter_model."))
             what = f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
             raise MergeError("input_not_found", f"{label}: adapter has no {ADAPTER_WEIGHTS}{what}", param=param)
-        raw = parse_header(storage, ADAPTER_WEIGHTS)
+        raw = parse_header(storage, ADAPTER_WEIGHTS, poll=self.poll)
         # Full copies of adapted layers (PEFT saves them for lm_head/embeddings in case the
         # vocabulary was resized): module key -> tensor. See check_base_layers().
         self.base_layers: dict[str, TensorInfo] = {}
@@ -131,11 +148,11 @@ class AdapterReader:
 
     def _read_config(self) -> dict:
         size = self.storage.size(ADAPTER_CONFIG)
-        if size > MAX_SMALL_FILE_BYTES:
-            raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_CONFIG} is {size} bytes, more than a "
-                             f"config can be ({MAX_SMALL_FILE_BYTES})", param=self.param)
+        if size > MAX_ADAPTER_CONFIG_BYTES:
+            raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_CONFIG} is {size} bytes, more than an "
+                             f"adapter config can be ({MAX_ADAPTER_CONFIG_BYTES})", param=self.param)
         try:
-            cfg = json.loads(self.storage.read_bytes(ADAPTER_CONFIG))
+            cfg = json.loads(bytes(self.storage.read_range(ADAPTER_CONFIG, 0, size)))  # the size checked
         except (ValueError, UnicodeDecodeError) as e:
             raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_CONFIG} is not valid JSON ({e})",
                              param=self.param) from None
@@ -174,17 +191,20 @@ class AdapterReader:
             self._refuse(f"init_lora_weights={init!r} makes the adapter relative to rewritten base weights; "
                          "convert it to a plain LoRA first (PEFT save_pretrained(..., "
                          "path_initial_model_for_weight_conversion=...))", first_module)
-        for key in ("rank_pattern", "alpha_pattern"):
+        items = []
+        for key in PATTERN_MAPPINGS:
             patterns = cfg.get(key) or {}
             if not isinstance(patterns, dict):
                 raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_CONFIG} {key} must be a mapping",
                                  param=self.param)
-            for pattern in patterns:
-                try:
-                    regex.compile(rf"(.*\.)?({pattern})$")
-                except (regex.error, TypeError) as e:
-                    raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_CONFIG} {key} key {pattern!r} is "
-                                     f"not a valid regular expression ({e})", param=self.param) from None
+            if len(patterns) > MAX_CONFIG_PATTERNS:
+                raise MergeError("corrupt_checkpoint", f"{self.label}: {ADAPTER_CONFIG} {key} has {len(patterns)} "
+                                 f"keys, more than an adapter config may have ({MAX_CONFIG_PATTERNS})", param=self.param)
+            items += [(k, f"{self.label}: {ADAPTER_CONFIG} {key} key", self.param) for k in patterns]
+        compiled = iter(compile_patterns(items, code="corrupt_checkpoint", source=f"{self.label}: {ADAPTER_CONFIG}",
+                                         wrap=peft_key_regex, poll=self.poll))
+        for key in PATTERN_MAPPINGS:  # in the config's order: the first matching key wins
+            self.patterns[key] = [next(compiled) for _ in cfg.get(key) or {}]
 
     # ------------------------------------------------------------------ tensors
 
@@ -192,6 +212,7 @@ class AdapterReader:
         factors: dict[str, dict[str, TensorInfo]] = {}
         others = []
         for name, info in raw.items():
+            self.poll()
             key = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
             if key.endswith(A_SUFFIX):
                 factors.setdefault(key[:-len(A_SUFFIX)], {})["A"] = info
@@ -216,8 +237,10 @@ class AdapterReader:
         alpha_pattern = cfg.get("alpha_pattern") or {}
         rslora = bool(cfg.get("use_rslora", False))
         fifo = bool(cfg.get("fan_in_fan_out", False))  # provisional; bind() orients each module
+        matcher = Matcher(poll=self.poll)
         modules = {}
         for key in sorted(factors):
+            self.poll()
             pair = factors[key]
             if set(pair) != {"A", "B"}:
                 missing = "lora_B" if "B" not in pair else "lora_A"
@@ -233,13 +256,8 @@ class AdapterReader:
             if b.shape[1] != rank:
                 raise MergeError("corrupt_checkpoint", f"{self.label}: module {key}: lora_B {list(b.shape)} and "
                                  f"lora_A {list(a.shape)} disagree on the rank", param=self.param)
-            try:
-                rkey = pattern_key(rank_pattern, key)
-                akey = pattern_key(alpha_pattern, key)
-            except TimeoutError:
-                raise MergeError("corrupt_checkpoint", f"{self.label}: a rank_pattern/alpha_pattern key in "
-                                 f"{ADAPTER_CONFIG} takes too long to match module {key} (catastrophic "
-                                 "backtracking)", param=self.param) from None
+            rkey = pattern_key(self.patterns["rank_pattern"], key, matcher)
+            akey = pattern_key(self.patterns["alpha_pattern"], key, matcher)
             r_config = self._config_number(f"rank_pattern[{rkey!r}]", rank_pattern[rkey], integer=True) \
                 if rkey is not None else r_default
             if r_config != rank:
@@ -288,6 +306,7 @@ class AdapterReader:
         """
         named = {}
         for key, mod in self.modules.items():
+            self.poll()
             name = key + ".weight"
             if base_shapes is not None:
                 name = self._match(name, base_shapes)
@@ -322,6 +341,7 @@ class AdapterReader:
         cannot compare for lack of a base.
         """
         for name, info in list(self.layer_copies.items()):
+            self.poll()
             module = self.by_name[name].key
             if base is None:
                 if require_unchanged:
@@ -345,7 +365,11 @@ class AdapterReader:
     def _match(self, name: str, base_shapes) -> str:
         if name in base_shapes:
             return name
-        found = [n for n in base_shapes if n.endswith("." + name) or name.endswith("." + n)]
+        found = []
+        for n in base_shapes:  # one scan per module the base lacks by its own name: poll as it goes
+            self.poll()
+            if n.endswith("." + name) or name.endswith("." + n):
+                found.append(n)
         if len(found) == 1:
             return found[0]
         module = name[:-len(".weight")]
@@ -441,7 +465,7 @@ class AdapterReference:
         return []
 
 
-def plan_with_adapters(spec, base, models: list, uris: list[str]):
+def plan_with_adapters(spec, base, models: list, uris: list[str], poll=None):
     """Validate a spec whose inputs include adapters (or whose output is an adapter) and
     return ``(reference, plan)`` for ``pipeline.Inputs``.
 
@@ -475,7 +499,7 @@ def plan_with_adapters(spec, base, models: list, uris: list[str]):
         dtypes = {a.dtype for a in adapters}
         reference = AdapterReference(shapes, dtypes.pop() if len(dtypes) == 1 else "F32")
     dense = [(u, m) for u, m in zip(uris, models) if not isinstance(m, AdapterReader)]
-    plan = build_plan(spec, reference, [m for _, m in dense], [u for u, _ in dense])
+    plan = build_plan(spec, reference, [m for _, m in dense], [u for u, _ in dense], poll)
     kinds = {tp.name: tp.kind for tp in plan.tensors}
     for ad in adapters:
         ignored = [n for n in ad.by_name if kinds.get(n) == COPY]

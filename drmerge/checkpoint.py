@@ -15,13 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import MergeError
+from .errors import MergeError, StopPoll
 from .storage import ObjectWriter, Storage
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 MAX_SMALL_FILE_BYTES = 64 * 1024 * 1024
+# A checkpoint's size in tensors, and its index file's in bytes, bound planning time and
+# memory (an index is read whole: a 1 GiB one took a worker from 0.5 to 2.5 GB). The
+# largest published checkpoints have ~92,000 tensors (DeepSeek-V3, with its FP8 scales)
+# and an index of ~9 MB; these limits leave about three times that.
+MAX_TENSORS = 262_144
+MAX_INDEX_BYTES = 32 * 1024 * 1024
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -61,8 +67,10 @@ def _corrupt(storage: Storage, file: str, what: str):
     raise MergeError("corrupt_checkpoint", f"{storage.describe(file)}: {what}")
 
 
-def parse_header(storage: Storage, file: str) -> dict[str, TensorInfo]:
-    """Read and validate one safetensors file's header; never trusts a length or offset."""
+def parse_header(storage: Storage, file: str, poll=None) -> dict[str, TensorInfo]:
+    """Read and validate one safetensors file's header; never trusts a length or offset.
+    ``poll`` (cancel, time limit) is asked as the entries are checked."""
+    poll = poll or StopPoll()
     size = storage.size(file)
     if size < 8:
         _corrupt(storage, file, f"file is {size} bytes, too short to hold a safetensors header")
@@ -77,10 +85,14 @@ def parse_header(storage: Storage, file: str) -> dict[str, TensorInfo]:
         _corrupt(storage, file, f"header is not valid JSON ({e.__class__.__name__}: {e})")
     if not isinstance(header, dict):
         _corrupt(storage, file, "header is not a JSON object")
+    if len(header) - ("__metadata__" in header) > MAX_TENSORS:
+        _corrupt(storage, file, f"header lists {len(header) - ('__metadata__' in header)} tensors, more than a "
+                 f"checkpoint may hold ({MAX_TENSORS})")
     data_start = 8 + hlen
     data_len = size - data_start
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
+        poll()
         if name == "__metadata__":
             continue
         if not _is_text(name):
@@ -130,8 +142,9 @@ def _safe_shard_name(storage: Storage, index_file: str, name) -> str:
 class CheckpointReader:
     """Tensor directory of one checkpoint (single file or sharded); reads one tensor at a time."""
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, poll=None):
         self.storage = storage
+        self.poll = poll or StopPoll()  # cancel and time limit, asked while the headers are read
         try:
             files = set(storage.list_files())
         except MergeError:
@@ -143,11 +156,11 @@ class CheckpointReader:
         if INDEX_FILE in files:
             self._read_index(files)
         elif SINGLE_FILE in files:
-            self.tensors = parse_header(storage, SINGLE_FILE)
+            self.tensors = parse_header(storage, SINGLE_FILE, self.poll)
         else:
             others = sorted(f for f in files if f.endswith(".safetensors"))
             if len(others) == 1:
-                self.tensors = parse_header(storage, others[0])
+                self.tensors = parse_header(storage, others[0], self.poll)
             else:
                 found = ", ".join(sorted(files)[:8])
                 raise MergeError(
@@ -157,19 +170,26 @@ class CheckpointReader:
                 )
 
     def _read_index(self, files: set[str]) -> None:
+        size = self.storage.size(INDEX_FILE)
+        if size > MAX_INDEX_BYTES:
+            _corrupt(self.storage, INDEX_FILE, f"is {size} bytes, more than an index may be ({MAX_INDEX_BYTES})")
         try:
-            index = json.loads(self.storage.read_bytes(INDEX_FILE))
+            index = json.loads(bytes(self.storage.read_range(INDEX_FILE, 0, size)))  # the size checked
             weight_map = index["weight_map"]
             assert isinstance(weight_map, dict)
         except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
             _corrupt(self.storage, INDEX_FILE, "is not a JSON object with a 'weight_map' mapping")
+        if len(weight_map) > MAX_TENSORS:
+            _corrupt(self.storage, INDEX_FILE, f"lists {len(weight_map)} tensors, more than a checkpoint may hold "
+                     f"({MAX_TENSORS})")
         shards = {}
         for tensor, shard in weight_map.items():
             shards.setdefault(_safe_shard_name(self.storage, INDEX_FILE, shard), []).append(tensor)
         for shard, names in sorted(shards.items()):
+            self.poll()
             if shard not in files:
                 _corrupt(self.storage, INDEX_FILE, f"points to shard {shard}, which does not exist")
-            infos = parse_header(self.storage, shard)
+            infos = parse_header(self.storage, shard, self.poll)
             for name in names:
                 if name not in infos:
                     _corrupt(self.storage, INDEX_FILE, f"says {name!r} is in {shard}, but that shard does not hold it")

@@ -33,6 +33,10 @@ class MergeError(Exception):
         self.code = code
         self.message = message
         self.param = param
+        # Set by a failed run whose output it could not remove (storage unavailable): the
+        # objects that may remain, for the caller to remove later (pipeline.discard_partial_output).
+        # Not part of the error itself: the code and message stay the original failure's.
+        self.cleanup_pending: list[str] = []
 
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message, "param": self.param}
@@ -58,3 +62,29 @@ class Interrupted(Exception):
                  kept: int = 0):
         super().__init__(message)
         self.kept = kept
+
+
+class StopPoll:
+    """Asks a stop hook (the engine's ``should_cancel``, which the service also uses for
+    the time limit) from loops that may run long before any tensor is merged: reading
+    headers over S3, matching patterns, fingerprinting, verifying kept shards. Raises
+    ``Cancelled`` when the hook says stop (a hook may raise ``Interrupted`` itself). The
+    hook is asked at most every ``interval_s``, so the loops may call this freely."""
+
+    def __init__(self, should_stop=None, interval_s: float = 0.02):
+        import time
+
+        self._clock = time.monotonic
+        self.should_stop = should_stop
+        self.interval_s = interval_s
+        self._last = float("-inf")
+
+    def __call__(self) -> None:
+        if self.should_stop is None:
+            return
+        now = self._clock()
+        if now - self._last < self.interval_s:
+            return
+        self._last = now
+        if self.should_stop():
+            raise Cancelled()

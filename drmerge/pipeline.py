@@ -6,6 +6,9 @@ one is merged, and a writer thread streams finished tensors into the shard that 
 open (headers are planned up front, so shards are written front to back). Between
 tensors the cancel hook is polled. On any failure everything this run wrote is
 removed, and ``drmerge.json``, the completeness marker, is only ever written last.
+If that removal fails too (the storage is unreachable), the run still raises its original
+error, carrying ``cleanup_pending`` (what may remain): the service removes it later with
+``discard_partial_output``, retrying until it succeeds.
 
 Resume: each committed shard is reported (``on_shard``: name, size, sha256 and a plan
 fingerprint) and a later run given those entries as ``completed_shards`` reads them back,
@@ -35,7 +38,7 @@ from . import __version__
 from .adapters import AdapterReader, is_adapter_dir, merge_with_adapters, plan_with_adapters
 from .checkpoint import (DTYPES, INDEX_FILE, MAX_SMALL_FILE_BYTES, CheckpointReader, ShardWriter, index_json,
                          shard_header, shard_names)
-from .errors import Cancelled, Interrupted, MergeError
+from .errors import Cancelled, Interrupted, MergeError, StopPoll
 from .methods import COPY, MATRIX, merged_delta
 from .methods.elementwise import is_elementwise, merge_elementwise
 from .plan import Plan, TensorPlan, build_plan
@@ -97,32 +100,41 @@ def resolve_device(device: str) -> torch.device:
 class Inputs:
     """Open readers for the base (if any) and every model, with the plan over them."""
 
-    def __init__(self, spec: MergeSpec, s3_options: dict | None = None):
+    def __init__(self, spec: MergeSpec, s3_options: dict | None = None, should_stop: CancelFn | None = None):
+        """``should_stop`` is the run's cancel hook (the service's also says when the time
+        limit is up): planning asks it between reads and while it loops over tensors and
+        patterns (errors.StopPoll), so a cancel or a deadline takes effect before merging."""
         self.spec = spec
         self.storages: list[Storage] = []
-        self.base = self._open(spec.base_model, s3_options) if spec.base_model else None
-        self.models = [self._open(m.model, s3_options, i) for i, m in enumerate(spec.models)]
-        uris = [m.model for m in spec.models]
-        self.adapters = [m for m in self.models if isinstance(m, AdapterReader)]
-        if self.adapters or spec.output_format == "adapter":  # LoRA inputs: see adapters.py
-            self.reference, self.plan = plan_with_adapters(spec, self.base, self.models, uris)
-        else:
-            reference = self.base or self.models[0]
-            self.reference = reference
-            self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
-                                         uris if self.base else uris[1:])
+        self.poll = StopPoll(should_stop)
+        try:
+            self.base = self._open(spec.base_model, s3_options) if spec.base_model else None
+            self.models = [self._open(m.model, s3_options, i) for i, m in enumerate(spec.models)]
+            uris = [m.model for m in spec.models]
+            self.adapters = [m for m in self.models if isinstance(m, AdapterReader)]
+            if self.adapters or spec.output_format == "adapter":  # LoRA inputs: see adapters.py
+                self.reference, self.plan = plan_with_adapters(spec, self.base, self.models, uris, self.poll)
+            else:
+                reference = self.base or self.models[0]
+                self.reference = reference
+                self.plan: Plan = build_plan(spec, reference, self.models if self.base else self.models[1:],
+                                             uris if self.base else uris[1:], self.poll)
+        except BaseException:
+            self.close()
+            raise
         self.weights = torch.tensor([m.weight for m in spec.models], dtype=COMPUTE_DTYPE)
         self._copied = {t.name for t in self.plan.tensors if t.kind == COPY}
 
     def _open(self, uri: str, s3_options, index: int | None = None) -> CheckpointReader | AdapterReader:
+        self.poll()
         storage = open_storage(uri, s3_options)
         self.storages.append(storage)
         if is_adapter_dir(storage):
             if index is None:
                 raise MergeError("invalid_spec", f"base_model {uri} is a LoRA adapter (it holds adapter_config.json); "
                                  "the base must be a full checkpoint", param="base_model")
-            return AdapterReader(storage, f"models[{index}] ({uri})", param=f"models[{index}].model")
-        return CheckpointReader(storage)
+            return AdapterReader(storage, f"models[{index}] ({uri})", param=f"models[{index}].model", poll=self.poll)
+        return CheckpointReader(storage, self.poll)
 
     def read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         base = self.base.read(name) if self.base else None
@@ -354,6 +366,7 @@ def plan_fingerprint(spec: MergeSpec, inputs: Inputs) -> str:
     h.update(json.dumps([[t.name for t in shard] for shard in inputs.plan.shards]).encode())
     for reader in ([inputs.base] if inputs.base else []) + inputs.models:
         for name, info in sorted(getattr(reader, "tensors", {}).items()):
+            inputs.poll()
             h.update(json.dumps([name, info.file, info.start, info.length, info.dtype]).encode())
         if isinstance(reader, AdapterReader):  # its factors' locations and its config (scaling)
             h.update(reader.fingerprint().encode())
@@ -381,12 +394,15 @@ def _verified(out: Storage, name: str, size: int, sha256: str) -> str | None:
 
 
 def _kept_shards(out: Storage, plan: Plan, names: list[str], completed: list[dict], fingerprint: str,
-                 warnings: list[str]) -> dict[int, dict]:
+                 warnings: list[str], poll=None) -> dict[int, dict]:
     """The recorded shards that are still exactly what this run would write: shard index
-    -> {name, size, sha256}. Each is read back in full (size and sha256)."""
+    -> {name, size, sha256}. Each is read back in full (size and sha256), ``poll``
+    (cancel, time limit) asked between them."""
     by_name = {e.get("name"): e for e in completed if isinstance(e, dict)}
     kept: dict[int, dict] = {}
     for i, (name, shard) in enumerate(zip(names, plan.shards)):
+        if poll is not None:
+            poll()
         entry = by_name.get(name)
         if entry is None:
             continue
@@ -447,15 +463,52 @@ def adapter_summary(adapter: dict | None) -> dict | None:
     return {"rank": adapter.get("rank"), "energy_kept": adapter.get("energy_kept")}
 
 
+def remove_partial_output(out: Storage, names: list[str]) -> list[str]:
+    """Remove what a failed run wrote (the objects ``names``, and any upload whose abort
+    failed) and return what may remain: ``[]`` once nothing of the run is left.
+
+    Runs on failure paths, so it never raises: an error here must not replace the run's
+    own. It stops at the first failure (the storage is likely unreachable, and every
+    further request would wait out its retries too) and reports everything not yet done."""
+    pending = list(dict.fromkeys(names))
+    try:
+        if out.unaborted_writes():
+            out.abort_stale_writes(strict=True)
+        while pending:
+            out.delete(pending[0])
+            pending.pop(0)
+    except Exception as e:
+        left = list(dict.fromkeys(pending + out.unaborted_writes()))
+        log.warning("could not remove the partial output in %s (%s); left for a later cleanup: %s",
+                    out.uri, e, ", ".join(left)[:1000])
+        return left
+    return []
+
+
+def _raise_failure(e: BaseException, left: list[str]):
+    """Re-raise a failed run's error, carrying what its cleanup left (``cleanup_pending``);
+    anything but a MergeError becomes ``internal_error``. Call inside ``except``."""
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        raise e
+    if isinstance(e, MergeError):
+        e.cleanup_pending = list(left)
+        raise e
+    err = MergeError("internal_error", f"unexpected {e.__class__.__name__}: {e}")
+    err.cleanup_pending = list(left)
+    raise err from e
+
+
 def discard_partial_output(spec: MergeSpec, shards: list[dict], s3_options: dict | None = None) -> list[str]:
-    """Remove what an abandoned run left in its output (a job that ended without its
-    worker): the shards it recorded, its index and its pending uploads. A complete merge
-    (``drmerge.json`` present) is left alone. Returns the names removed."""
+    """Remove what a run that did not finish left in its output: the objects in
+    ``shards`` (its recorded shards, and the names a failed run's own cleanup could not
+    remove: ``MergeError.cleanup_pending``), its index and its pending uploads. A complete
+    merge (``drmerge.json`` present) is left alone. Returns the names removed; raises
+    MergeError if the storage fails, so that the caller knows to try again later."""
     out = open_storage(spec.output, s3_options)
     try:
         if out.exists(MARKER):
             return []
-        out.abort_stale_writes()
+        out.abort_stale_writes(strict=True)
         removed = []
         for name in [e.get("name") for e in shards if isinstance(e, dict)] + [INDEX_FILE]:
             if isinstance(name, str) and name and "/" not in name and out.exists(name):
@@ -549,7 +602,7 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
         return False
 
     report("planning")
-    inputs = Inputs(spec, s3_options)
+    inputs = Inputs(spec, s3_options, should_stop=check_stop)
     out = open_storage(spec.output, s3_options)
     writer: _BackgroundWriter | None = None
     extra_written: list[str] = []
@@ -567,7 +620,7 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
             dropped = out.abort_stale_writes()
             if dropped:
                 log.info("aborted %d unfinished upload(s) left in %s by an earlier run", dropped, out.uri)
-            kept = _kept_shards(out, plan, names, completed_shards, fingerprint, plan.warnings)
+            kept = _kept_shards(out, plan, names, completed_shards, fingerprint, plan.warnings, inputs.poll)
         for warning in plan.warnings:  # also logged, so a caller sees them if the merge fails later
             log.warning(warning)
         timings["plan_s"] = time.perf_counter() - started
@@ -637,14 +690,10 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
                 raise
             raise Interrupted(f"the merge stopped while a pause was requested ({e}); committed shards kept",
                               kept=n_kept) from e
-        for name in (writer.written if writer is not None else []) + [k["name"] for k in kept.values()] + extra_written:
-            out.delete(name)
+        left = remove_partial_output(
+            out, (writer.written if writer is not None else []) + [k["name"] for k in kept.values()] + extra_written)
         _remove_empty_local_dir(out)
-        if isinstance(e, MergeError):
-            raise
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise MergeError("internal_error", f"unexpected {e.__class__.__name__}: {e}") from e
+        _raise_failure(e, left)
     finally:
         inputs.close()
         out.close()

@@ -7,26 +7,16 @@ and the output shard layout. A bad input is therefore refused before anything is
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-
-import regex
+from typing import Callable
 
 from .checkpoint import CODE_OF, CheckpointReader, OutTensor, TensorInfo, plan_shards
-from .errors import MergeError
+from .errors import MergeError, StopPoll
 from .methods import COPY, MATRIX, VECTOR
+from .patterns import Matcher, compile_patterns
 from .spec import MergeSpec, Select
 
 MAX_LISTED = 5
-# Select patterns come from users and run against tensor names from files: a pattern with
-# catastrophic backtracking (``(.*){1,32000}[bc]``) would hold a worker for hours. The
-# ``regex`` engine can stop a match after a timeout (``re`` cannot be interrupted), so each
-# match gets MATCH_TIMEOUT_S and one plan's matching at most SELECT_BUDGET_S in total; a
-# pattern that runs out is refused as ``invalid_spec``. (Refusing nested quantifiers up
-# front would also refuse harmless patterns like ``(layers\.\d+\.)*weight`` and still miss
-# others such as ``(a|aa)*``; a time bound is exact.)
-MATCH_TIMEOUT_S = 0.5
-SELECT_BUDGET_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -47,35 +37,21 @@ class Plan:
 
 
 class Selector:
-    """``select`` rules compiled once; patterns match whole names (``fullmatch``), each
-    match bounded in time (see MATCH_TIMEOUT_S)."""
+    """``select`` rules compiled once (patterns.py: the guarded compile); patterns match
+    whole names (``fullmatch``), each match bounded in time, ``poll`` (cancel, time
+    limit) asked as it goes."""
 
-    def __init__(self, select: Select):
-        self.linear = [("linear", i, regex.compile(p)) for i, p in enumerate(select.linear)]
-        self.exclude = [("exclude", i, regex.compile(p)) for i, p in enumerate(select.exclude)]
-        self.ignore = [("ignore", i, regex.compile(p)) for i, p in enumerate(select.ignore)]
-        self.spent = 0.0
+    def __init__(self, select: Select, poll: Callable[[], None] | None = None):
+        items = [(p, f"select.{which}[{i}]", f"select.{which}[{i}]")
+                 for which in ("linear", "exclude", "ignore") for i, p in enumerate(getattr(select, which))]
+        compiled = compile_patterns(items, code="invalid_spec", source="select", poll=poll)
+        self.linear = [p for p in compiled if p.label.startswith("select.linear[")]
+        self.exclude = [p for p in compiled if p.label.startswith("select.exclude[")]
+        self.ignore = [p for p in compiled if p.label.startswith("select.ignore[")]
+        self.matcher = Matcher(poll=poll)
 
     def _any(self, patterns, name: str) -> bool:
-        for which, i, p in patterns:
-            left = SELECT_BUDGET_S - self.spent
-            t0 = time.monotonic()
-            try:
-                if left <= 0:
-                    raise TimeoutError
-                hit = p.fullmatch(name, timeout=min(MATCH_TIMEOUT_S, left))
-            except TimeoutError:
-                raise MergeError(
-                    "invalid_spec",
-                    f"select.{which}[{i}] {p.pattern[:80]!r} takes too long to match tensor names "
-                    f"(over {MATCH_TIMEOUT_S}s for {name[:80]!r}, or {SELECT_BUDGET_S:g}s in all): it backtracks "
-                    "catastrophically; use a simpler pattern (avoid nested or overlapping repetition)",
-                    param=f"select.{which}[{i}]") from None
-            finally:
-                self.spent += time.monotonic() - t0
-            if hit:
-                return True
-        return False
+        return any(self.matcher.fullmatch(p, name, "tensor names") for p in patterns)
 
     def kind(self, info: TensorInfo) -> str:
         if not info.is_float or self._any(self.ignore, info.name):
@@ -91,13 +67,16 @@ def _listing(names: list[str]) -> str:
 
 
 def build_plan(spec: MergeSpec, reference: CheckpointReader, models: list[CheckpointReader],
-               model_uris: list[str]) -> Plan:
-    """``reference`` is the base (or, for ``linear``, the first model)."""
+               model_uris: list[str], poll: Callable[[], None] | None = None) -> Plan:
+    """``reference`` is the base (or, for ``linear``, the first model). ``poll`` (cancel,
+    time limit: errors.StopPoll) is asked as it goes: a plan may cover 10^5 tensors."""
+    poll = poll or StopPoll()
     warnings: list[str] = []
     ref = reference.tensors
-    selector = Selector(spec.select)
+    selector = Selector(spec.select, poll)
     kinds = {name: selector.kind(info) for name, info in ref.items()}
     for uri, reader in zip(model_uris, models):
+        poll()
         missing = [n for n in ref if n not in reader.tensors]
         # A tensor copied from the base (integer/bool buffers, ``select.ignore``) needs no
         # fine-tuned copy: checkpoints saved by different library versions differ in such

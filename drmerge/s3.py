@@ -176,6 +176,7 @@ class S3Storage(Storage):
             raise MergeError("storage_error", f"cannot configure S3 for {self.uri}: {e}") from None
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._unaborted: set[str] = set()  # names whose multipart upload abort() could not abort
 
     # -- helpers ------------------------------------------------------------------
 
@@ -355,10 +356,13 @@ class S3Storage(Storage):
         except Exception as e:
             raise self._error(e, self.describe(name), "delete") from None
 
-    def abort_stale_writes(self) -> int:
+    def unaborted_writes(self) -> list[str]:
+        return sorted(self._unaborted)
+
+    def abort_stale_writes(self, strict: bool = False) -> int:
         """Abort the multipart uploads pending directly under this prefix: what a worker
         killed in the middle of a shard leaves behind (invisible, but billed, until a
-        lifecycle rule reclaims it). Best effort: a failure is logged, not raised."""
+        lifecycle rule reclaims it). Best effort (a failure is logged) unless ``strict``."""
         aborted = 0
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix)
@@ -375,7 +379,12 @@ class S3Storage(Storage):
                         if _code(e) != "NoSuchUpload":
                             raise
         except Exception as e:
-            log.warning("could not abort stale uploads under %s: %s", self.uri, self._error(e, self.uri, "list uploads in"))
+            err = self._error(e, self.uri, "abort the unfinished uploads in")
+            if strict:
+                raise err from None
+            log.warning("could not abort stale uploads under %s: %s", self.uri, err)
+            return aborted
+        self._unaborted.clear()
         return aborted
 
     def close(self) -> None:
@@ -475,8 +484,11 @@ class _S3Writer(ObjectWriter):
                 if _code(e) == "NoSuchUpload":
                     return
                 # abort() runs on failure paths: raising here would hide the original error.
-                # The parts stay invisible to readers; a bucket lifecycle rule
-                # (AbortIncompleteMultipartUpload) reclaims their space.
+                # The parts stay invisible to readers; the storage remembers the name, so
+                # the run's cleanup reports it (pipeline.remove_partial_output) and a later
+                # one aborts it (abort_stale_writes); a bucket lifecycle rule
+                # (AbortIncompleteMultipartUpload) is the last resort.
+                self.s._unaborted.add(self.name)
                 log.warning(
                     "could not abort multipart upload %s of %s: %s", upload_id, self.what,
                     self.s._error(e, self.what, "abort the upload of"),

@@ -13,10 +13,9 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
-import regex
-
 from . import locations
 from .errors import MergeError
+from .patterns import MAX_PATTERN_LENGTH, MAX_PATTERN_SIZE, compile_patterns  # noqa: F401 (re-exported)
 
 METHODS = ("drm", "ties", "task_arithmetic", "linear")
 DIRECTIONS = ("vertical", "horizontal")
@@ -29,9 +28,7 @@ DEFAULT_LINEAR = (r".*weight$",)
 DEFAULT_EXCLUDE = (r".*embed.*", r".*lm_head.*", r".*wte.*", r".*wpe.*", r"(.*\.)?shared\.weight")
 
 MAX_MODELS = 256
-MAX_PATTERN_LENGTH = 512
-MAX_PATTERN_SIZE = 100_000  # counted repeats unrolled (see _expanded_size)
-MAX_PATTERNS = 64
+MAX_PATTERNS = 64  # per select list (their length and size: patterns.py)
 MAX_URI_LENGTH = 2048
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 
@@ -147,68 +144,13 @@ def _uri(value, param: str, base_dir: str | None, allow_relative: bool = True) -
         _fail(param, e.message)
 
 
-def _patterns(value, param: str) -> tuple[str, ...]:
+def _patterns(value, param: str) -> list[tuple[str, str, str]]:
+    """A ``select`` list's shape; its patterns are checked together in ``_select``."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or len(value) > MAX_PATTERNS:
         _fail(param, f"must be a list of at most {MAX_PATTERNS} regular expressions")
-    out = []
-    for i, p in enumerate(value):
-        if not isinstance(p, str) or len(p) > MAX_PATTERN_LENGTH:
-            _fail(f"{param}[{i}]", f"must be a regular expression of at most {MAX_PATTERN_LENGTH} characters")
-        try:
-            re.compile(p)  # the syntax is Python's re
-        except (re.error, ValueError, OverflowError, RecursionError) as e:
-            _fail(f"{param}[{i}]", f"is not a valid regular expression: {e}")
-        size = _expanded_size(p)
-        if size > MAX_PATTERN_SIZE:
-            _fail(f"{param}[{i}]", f"repeats too much: counted repetitions expand to about {size} elements "
-                  f"(at most {MAX_PATTERN_SIZE}); use + or * instead of large nested {{m,n}} counts")
-        try:
-            regex.compile(p)  # what the engine matches with (plan.py: time-bounded matching)
-        except (regex.error, ValueError, OverflowError, RecursionError) as e:
-            _fail(f"{param}[{i}]", f"is not a valid regular expression: {e}")
-        out.append(p)
-    return tuple(out)
-
-
-def _expanded_size(pattern: str) -> int:
-    """How big a pattern gets once counted repeats are unrolled (``(?:a{99}){99}`` ->
-    9801). The regex engine unrolls them when compiling, so nested counts are a compile
-    time bomb (``(?:(?:(?:a{99}){99}){99}){99}`` runs for minutes) although ``re`` parses
-    them at once. 0 if the parser is unavailable."""
-    try:
-        from re import _constants as C, _parser
-    except ImportError:  # pragma: no cover - a future Python without these
-        return 0
-    repeats = {C.MAX_REPEAT, C.MIN_REPEAT, getattr(C, "POSSESSIVE_REPEAT", C.MAX_REPEAT)}
-
-    def size(items) -> int:
-        total = 0
-        for op, av in items:
-            if op in repeats:
-                lo, hi, sub = av
-                total += (hi if hi != C.MAXREPEAT else max(lo, 1)) * size(sub)
-            elif op is C.BRANCH:
-                total += sum(size(alt) for alt in av[1])
-            elif op is C.SUBPATTERN:
-                total += size(av[-1])
-            elif op in (C.ASSERT, C.ASSERT_NOT):
-                total += size(av[1])
-            elif op is C.ATOMIC_GROUP:
-                total += size(av)
-            elif op is C.GROUPREF_EXISTS:
-                total += size(av[1]) + (size(av[2]) if av[2] else 0)
-            else:
-                total += 1
-            if total > 10 * MAX_PATTERN_SIZE:  # enough to refuse; stop multiplying
-                return total
-        return total
-
-    try:
-        return size(_parser.parse(pattern))
-    except Exception:
-        return 0
+    return [(p, f"{param}[{i}]", f"{param}[{i}]") for i, p in enumerate(value)]
 
 
 def parse_size(value, param: str = "shard_size") -> int:
@@ -250,8 +192,11 @@ def _parameters(data) -> Parameters:
 
 
 def _select(data) -> Select:
+    """Every pattern goes through the one guarded compile (patterns.py) the plan uses."""
     _check_keys(data, {"linear", "exclude", "ignore"}, "select")
-    return Select(**{k: _patterns(v, f"select.{k}") for k, v in data.items()})
+    lists = {k: _patterns(v, f"select.{k}") for k, v in data.items()}
+    compile_patterns([item for items in lists.values() for item in items], code="invalid_spec", source="select")
+    return Select(**{k: tuple(text for text, _, _ in items) for k, items in lists.items()})
 
 
 def _models(data, base_dir, allow_relative: bool = True) -> tuple[ModelEntry, ...]:

@@ -71,12 +71,18 @@ class Storage(ABC):
     def delete(self, name: str) -> None:
         """Remove an object; a missing one is not an error."""
 
-    def abort_stale_writes(self) -> int:
+    def abort_stale_writes(self, strict: bool = False) -> int:
         """Drop unfinished writes a crashed run left directly in this directory (S3:
         pending multipart uploads; local: hidden temp files). Only safe when no other
         writer is active here: the service guarantees that with its output reservation.
-        Returns how many were dropped."""
+        Returns how many were dropped. Best effort unless ``strict`` (then a failure to
+        list or abort raises MergeError: the caller must know the directory is clean)."""
         return 0
+
+    def unaborted_writes(self) -> list[str]:
+        """Names whose unfinished write this storage failed to drop (an ``abort`` that
+        could not reach the server): work for ``abort_stale_writes``."""
+        return []
 
     def close(self) -> None:
         """Release cached handles or connections."""
@@ -147,7 +153,7 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             pass
 
-    def abort_stale_writes(self) -> int:
+    def abort_stale_writes(self, strict: bool = False) -> int:
         if not os.path.isdir(self.path):
             return 0
         dropped = 0

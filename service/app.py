@@ -48,8 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deliverer = None
         if settings.api_deliver_webhooks:
             deliverer = WebhookDeliverer(store, settings).start()
-        reaper = Reaper(store, settings, lambda job_id: app.state.celery.send_task(
-            merges.MERGE_TASK, args=[job_id], queue=settings.queue)).start()
+        reaper = Reaper(store, settings, lambda job_id, queue: app.state.celery.send_task(
+            merges.MERGE_TASK, args=[job_id], queue=queue)).start()
         try:
             yield
         finally:

@@ -24,6 +24,7 @@ Redis layout (``{p}`` is ``settings.key_prefix``)::
     {p}:outputs:sorted    zset    the same outputs, all scores 0: a ZRANGEBYLEX on a prefix
                                   finds an active output inside a new one (see create)
     {p}:webhooks:due      zset    job id -> unix time its next webhook attempt is due
+    {p}:cleanup:due       zset    job id -> unix time its next output cleanup attempt is due
     {p}:workers           zset    worker name -> unix time of its last heartbeat
     {p}:worker:{name}     hash    what that worker said about itself (expires)
     {p}:stats             hash    byte counters and the job duration histogram
@@ -35,9 +36,16 @@ Reliability fields of a job hash (service/reaper.py, worker/runner.py):
 judges staleness against Redis's own clock, so host clock skew does not matter),
 ``shards`` (JSON list of output shards committed so far, ``{name, size, sha256, plan}``:
 a restarted attempt verifies and keeps them), ``handoffs`` (times a worker gave the job
-back on shutdown: not failures, so they do not count against ``job_max_attempts``) and
-``cleanup`` (``pending`` when a job ended without its worker, which left partial output
-that the next worker to see the job removes).
+back on shutdown: not failures, so they do not count against ``job_max_attempts``),
+``queue`` (the Celery queue the job was submitted to: every later message for it, a
+re-queue, a re-send or a cleanup request, goes there, whichever process sends it) and
+``cleanup`` (``pending`` when a job ended leaving partial output: it ended without its
+worker, or its run's own cleanup failed because the storage was unreachable; ``failed``
+once the retries were given up), with ``cleanup_files`` (JSON list: objects the failed run
+could not remove, beyond its ``shards``) and ``cleanup_attempts``. While a cleanup is
+pending the job keeps its output reservation, so no new job writes there before it is
+clean; the reaper (service/reaper.py) sends a worker the job's id again with backoff until
+the cleanup succeeds (``DRMERGE_CLEANUP_*``).
 """
 
 from __future__ import annotations
@@ -83,7 +91,8 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 144
 
 MAX_EVENTS = 1000
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
-_JSON_FIELDS = ("spec", "metadata", "progress", "result", "error", "webhook", "webhook_state", "shards")
+_JSON_FIELDS = ("spec", "metadata", "progress", "result", "error", "webhook", "webhook_state", "shards",
+                "cleanup_files")
 
 
 _id_lock = threading.Lock()
@@ -203,7 +212,9 @@ class Job:
     shards: list = field(default_factory=list)  # the resume journal (see the module docstring)
     handoffs: int = 0
     cleanup: str | None = None
+    cleanup_files: list = field(default_factory=list)  # objects a failed run could not remove (besides shards)
     tenant: str = "default"
+    queue: str | None = None  # the Celery queue it was sent to (None: a record older than this field)
 
     @classmethod
     def from_hash(cls, h: dict) -> "Job":
@@ -223,8 +234,8 @@ class Job:
             worker=h.get("worker") or None, output=h.get("output") or None,
             cancel_requested_at=num("cancel_requested_at"), enqueued_at=num("enqueued_at"),
             heartbeat_at=num("heartbeat_at"), shards=js("shards") or [], handoffs=int(h.get("handoffs") or 0),
-            cleanup=h.get("cleanup") or None,
-            tenant=h.get("tenant") or "default",
+            cleanup=h.get("cleanup") or None, cleanup_files=list(js("cleanup_files") or []),
+            tenant=h.get("tenant") or "default", queue=h.get("queue") or None,
         )
 
     @property
@@ -254,14 +265,29 @@ class Job:
         }
 
 
+def lost_workers_error(lost: int, max_attempts: int, what: str) -> dict:
+    """The error of a job that lost ``job_max_attempts`` workers, whichever process notices
+    (the reaper: heartbeats stopped; a worker's claim: a redelivery whose worker is gone).
+
+    ``internal_error``, not ``timeout``: nothing ran out of time (``timeout`` is the job
+    time limit, and tells the caller the merge was too long for it); the service lost the
+    processes running it (killed for memory, crashed, node lost), a failure on the
+    service's side that the caller cannot fix by changing the spec or the limit. A
+    worker-killing input is a bug in its guards, which is what the code says."""
+    return {"code": "internal_error", "param": None,
+            "message": f"{what}, and this job has now lost {lost} workers (out of memory or killed?; "
+                       f"DRMERGE_JOB_MAX_ATTEMPTS={max_attempts}); giving up"}
+
+
 def empty_progress() -> dict:
     return {"stage": None, "tensors_done": 0, "tensors_total": 0, "bytes_read": 0, "bytes_written": 0,
             "fraction": 0.0, "eta_seconds": None}
 
 
 # --- Lua --------------------------------------------------------------------------------
-# KEYS: 1 job, 2 events, 3 outputs, 4 webhooks due, 5 stats, 6.. one zset per STATUSES,
-#       then the sorted outputs (KEYS[#KEYS]).
+# KEYS: 1 job, 2 events, 3 outputs, 4 webhooks due, 5 stats, 6..11 one zset per STATUSES,
+#       12 cleanup due, then the sorted outputs (KEYS[#KEYS]).
+# ARGV[11]: when a pending cleanup is due ('' for none).
 _STATUS_INDEX = "{" + ", ".join(f"{s}={i + 6}" for i, s in enumerate(STATUSES)) + "}"
 
 _TRANSITION_LUA = """
@@ -287,10 +313,12 @@ if cur ~= to then
   redis.call('ZREM', KEYS[idx[cur]], ARGV[1])
   redis.call('ZADD', KEYS[idx[to]], 0, ARGV[1])
 end
+if ARGV[11] ~= '' then redis.call('ZADD', KEYS[12], ARGV[11], ARGV[1]) end
 local terminal = (to == 'succeeded' or to == 'failed' or to == 'cancelled')
 if terminal then
+  -- the output stays reserved while partial output of this job may remain (cleanup pending)
   local out = redis.call('HGET', KEYS[1], 'output')
-  if out and redis.call('HGET', KEYS[3], out) == ARGV[1] then
+  if out and redis.call('HGET', KEYS[3], out) == ARGV[1] and redis.call('HGET', KEYS[1], 'cleanup') ~= 'pending' then
     redis.call('HDEL', KEYS[3], out)
     redis.call('ZREM', KEYS[#KEYS], out)
   end
@@ -435,6 +463,64 @@ redis.call('HSET', KEYS[1], 'enqueued_at', ARGV[1])
 return 1
 """
 
+# Mark a job's output for a later cleanup: cleanup = pending, ``files`` added to
+# cleanup_files, due at ARGV[3] unless a retry is already scheduled.
+# KEYS: 1 job, 2 cleanup due. ARGV: 1 job id, 2 files json, 3 due
+_SCHEDULE_CLEANUP_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local raw = redis.call('HGET', KEYS[1], 'cleanup_files')
+local list, have = {}, {}
+if raw and raw ~= '' then for _, n in ipairs(cjson.decode(raw)) do table.insert(list, n) end end
+for _, n in ipairs(list) do have[n] = true end
+for _, n in ipairs(cjson.decode(ARGV[2])) do
+  if not have[n] then table.insert(list, n); have[n] = true end
+end
+redis.call('HSET', KEYS[1], 'cleanup', 'pending', 'cleanup_files', #list > 0 and cjson.encode(list) or '[]')
+redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[1])
+return 1
+"""
+
+# The next try of a due cleanup: count it and schedule the one after (exponential backoff),
+# so a lost message is retried too. Returns {attempt, queue}, or nil if not due / not pending.
+# KEYS: 1 job, 2 cleanup due. ARGV: 1 job id, 2 now, 3 backoff base, 4 backoff max
+_CLAIM_CLEANUP_LUA = """
+local due = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not due or tonumber(due) > tonumber(ARGV[2]) then return false end
+if redis.call('HGET', KEYS[1], 'cleanup') ~= 'pending' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return false
+end
+local n = redis.call('HINCRBY', KEYS[1], 'cleanup_attempts', 1)
+local delay = math.min(tonumber(ARGV[4]), tonumber(ARGV[3]) * 2 ^ (n - 1))
+redis.call('ZADD', KEYS[2], string.format('%.3f', tonumber(ARGV[2]) + delay), ARGV[1])
+return {n, redis.call('HGET', KEYS[1], 'queue') or ''}
+"""
+
+# A cleanup ended: ARGV[2] 'done' (nothing of the job is left) or 'failed' (given up). The
+# output reservation the job kept for it is released once the job is over.
+# KEYS: 1 job, 2 events, 3 cleanup due, 4 outputs, 5 sorted outputs.
+# ARGV: 1 job id, 2 outcome, 3 event json, 4 max events
+_END_CLEANUP_LUA = """
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[2] == 'done' then
+  redis.call('HDEL', KEYS[1], 'cleanup', 'cleanup_files', 'cleanup_attempts')
+else
+  redis.call('HSET', KEYS[1], 'cleanup', ARGV[2])
+end
+local st = redis.call('HGET', KEYS[1], 'status')
+local out = redis.call('HGET', KEYS[1], 'output')
+if (st == 'succeeded' or st == 'failed' or st == 'cancelled') and out and redis.call('HGET', KEYS[4], out) == ARGV[1] then
+  redis.call('HDEL', KEYS[4], out)
+  redis.call('ZREM', KEYS[5], out)
+end
+local ev = cjson.decode(ARGV[3])
+ev['id'] = redis.call('HINCRBY', KEYS[1], 'event_seq', 1)
+redis.call('RPUSH', KEYS[2], cjson.encode(ev))
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+return 1
+"""
+
 # KEYS: 1 job, 2 events. ARGV: 1 event json, 2 max events
 _EVENT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -475,6 +561,9 @@ class JobStore:
         self._job_heartbeat = client.register_script(_JOB_HEARTBEAT_LUA)
         self._record_shard = client.register_script(_RECORD_SHARD_LUA)
         self._claim_enqueue = client.register_script(_CLAIM_ENQUEUE_LUA)
+        self._schedule_cleanup = client.register_script(_SCHEDULE_CLEANUP_LUA)
+        self._claim_cleanup = client.register_script(_CLAIM_CLEANUP_LUA)
+        self._end_cleanup = client.register_script(_END_CLEANUP_LUA)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "drmerge", **kw) -> "JobStore":
@@ -508,6 +597,10 @@ class JobStore:
         return f"{self.p}:webhooks:due"
 
     @property
+    def k_cleanup_due(self) -> str:
+        return f"{self.p}:cleanup:due"
+
+    @property
     def k_stats(self) -> str:
         return f"{self.p}:stats"
 
@@ -522,10 +615,11 @@ class JobStore:
     # --- create and read ----------------------------------------------------------------
     def create(self, spec: dict, output: str, *, metadata: dict | None = None, webhook: dict | None = None,
                idempotency_key: str | None = None, request_hash: str | None = None,
-               now: float | None = None, tenant: str = "default", max_queued: int = 0) -> tuple[Job, bool]:
-        """Store a new queued job of ``tenant``. Returns (job, created); created is False
-        when the tenant used the idempotency key before with the same body (the earlier
-        job comes back).
+               now: float | None = None, tenant: str = "default", max_queued: int = 0,
+               queue: str | None = None) -> tuple[Job, bool]:
+        """Store a new queued job of ``tenant``, to be sent to Celery queue ``queue``.
+        Returns (job, created); created is False when the tenant used the idempotency key
+        before with the same body (the earlier job comes back).
 
         ``output`` is a canonical location (drmerge.locations; parse_spec makes them).
 
@@ -543,6 +637,8 @@ class JobStore:
                   "attempts": "0", "tenant": tenant}
         if webhook:
             fields["webhook"] = json.dumps(webhook)
+        if queue:
+            fields["queue"] = queue
         if idempotency_key:
             fields["idempotency_key"] = idempotency_key
         ev = _event("status", "job created", now, to="queued")
@@ -565,7 +661,7 @@ class JobStore:
                 self.r.delete(idem_key)
                 return self.create(spec, output, metadata=metadata, webhook=webhook,
                                    idempotency_key=idempotency_key, request_hash=request_hash, now=now,
-                                   tenant=tenant, max_queued=max_queued)
+                                   tenant=tenant, max_queued=max_queued, queue=queue)
             return job, False
         if kind == "idem_conflict":
             raise IdempotencyConflict(idempotency_key, ref)
@@ -661,13 +757,16 @@ class JobStore:
     # --- state machine ------------------------------------------------------------------
     def transition(self, job_id: str, to: str, *, from_: set[str] | frozenset[str] | None = None,
                    fields: dict | None = None, message: str | None = None, attempt: int | None = None,
-                   now: float | None = None, stale_after: float | None = None) -> str:
+                   now: float | None = None, stale_after: float | None = None,
+                   cleanup_due: float | None = None) -> str:
         """Move a job to ``to`` if its current status allows it; returns the previous status.
 
         ``from_`` narrows the statuses the caller expects (it must name legal sources);
         ``attempt`` fences the change to the worker attempt that owns the job;
         ``stale_after`` (the reaper's) applies it only if the job's heartbeat is at least
-        that many seconds old, checked in the same atomic step (else StillAlive).
+        that many seconds old, checked in the same atomic step (else StillAlive);
+        ``cleanup_due`` (with ``fields`` setting ``cleanup: pending``) schedules the first
+        retry of the output's cleanup in the same step.
         """
         if to not in STATUSES:
             raise ValueError(f"unknown status {to!r}")
@@ -688,13 +787,14 @@ class JobStore:
             enc.setdefault("finished_at", repr(now))
         ev = _event("status", message or f"job {to}", now, to=to)
         keys = [self.k_job(job_id), self.k_events(job_id), self.k_outputs, self.k_webhooks_due, self.k_stats]
-        keys += [self.k_index(s) for s in STATUSES]
+        keys += [self.k_index(s) for s in STATUSES] + [self.k_cleanup_due]
         keys.append(self.k_outputs_sorted)
         kind, cur = self._transition(
             keys=keys,
             args=[job_id, to, " ".join(sorted(sources)), repr(now), "" if attempt is None else str(attempt),
                   json.dumps(enc), " ".join(str(b) for b in DURATION_BUCKETS), json.dumps(ev), MAX_EVENTS,
-                  "" if stale_after is None else repr(float(stale_after))])
+                  "" if stale_after is None else repr(float(stale_after)),
+                  "" if cleanup_due is None else f"{cleanup_due:.3f}"])
         if kind == "alive":
             raise StillAlive(f"job {job_id} has a fresh heartbeat; left alone")
         if kind == "missing":
@@ -782,6 +882,38 @@ class JobStore:
 
     def live_workers(self, ttl_s: float) -> list[str]:
         return self.r.zrangebyscore(self.k_workers, time.time() - ttl_s, "+inf")
+
+    # --- output cleanup -----------------------------------------------------------------
+    def schedule_cleanup(self, job_id: str, files: list[str], due: float) -> None:
+        """Mark the job's output for cleanup (``files``: objects that may remain besides its
+        shards), first try at ``due`` unless a retry is already scheduled."""
+        self._schedule_cleanup(keys=[self.k_job(job_id), self.k_cleanup_due],
+                               args=[job_id, json.dumps(list(files)), f"{due:.3f}"])
+
+    def due_cleanups(self, now: float | None = None, limit: int = 100) -> list[str]:
+        now = time.time() if now is None else now
+        return self.r.zrangebyscore(self.k_cleanup_due, "-inf", repr(now), start=0, num=limit)
+
+    def claim_cleanup(self, job_id: str, backoff_base_s: float, backoff_max_s: float,
+                      now: float | None = None) -> tuple[int, str | None] | None:
+        """Take a due cleanup: returns (attempt number, the job's queue) and schedules the
+        next try after ``min(max, base * 2^(attempt-1))``; None if it is not due or no
+        longer pending."""
+        now = time.time() if now is None else now
+        res = self._claim_cleanup(keys=[self.k_job(job_id), self.k_cleanup_due],
+                                  args=[job_id, repr(now), repr(float(backoff_base_s)), repr(float(backoff_max_s))])
+        if not res:
+            return None
+        return int(res[0]), (res[1] or None)
+
+    def end_cleanup(self, job_id: str, outcome: str, message: str) -> None:
+        """``done``: nothing of the job is left in its output; ``failed``: retries given up.
+        Either way its output reservation is released (once the job is over)."""
+        assert outcome in ("done", "failed")
+        ev = _event("cleanup", message, time.time(), outcome=outcome)
+        self._end_cleanup(keys=[self.k_job(job_id), self.k_events(job_id), self.k_cleanup_due, self.k_outputs,
+                                self.k_outputs_sorted],
+                          args=[job_id, outcome, json.dumps(ev), MAX_EVENTS])
 
     # --- webhooks -----------------------------------------------------------------------
     def claim_due_webhook(self, lease_s: float) -> str | None:

@@ -9,12 +9,22 @@ Instead the owning attempt stamps ``heartbeat_at`` in the job record every
 
 - ``running``: back to ``queued`` with a fresh message (the next attempt resumes from the
   shards already committed), or, once the job has lost ``job_max_attempts`` workers,
-  ``failed`` with ``timeout``;
+  ``failed`` with ``internal_error`` (jobstore.lost_workers_error says why that code);
 - ``cancelling``: ``cancelled`` (nobody is left to stop);
 - a job that ends here is marked ``cleanup: pending`` and a message is sent anyway: the
   worker that receives it removes the partial output (the API has no S3 credentials);
+- a job whose cleanup is pending (ended here, or its run could not remove its partial
+  output because S3 was unreachable) is sent to a worker again each time its retry is due,
+  backing off from ``cleanup_backoff_base_s`` up to ``cleanup_backoff_max_s``, until a
+  worker finds its output clean; after ``cleanup_max_attempts`` tries it is given up
+  (``cleanup: failed``, an event says what may remain) and its output released;
 - ``queued`` with no message known to be sent (the API died between storing the job and
   publishing it) older than ``job_heartbeat_timeout_s``: the message is sent.
+
+Every message goes to the job's own queue (the ``queue`` its record got at submission),
+never to this process's ``DRMERGE_QUEUE``: one reaper serves worker pools on several
+queues, and a job must only reach the pool it was sent to. A record without one (made
+before the field existed) falls back to this process's queue.
 
 Where it runs: in every API process and every worker (``reaper_interval_s``). The API is
 the one part that is always up (workers may scale to zero, and the message a re-queue
@@ -37,7 +47,7 @@ import socket
 import threading
 import time
 
-from .jobstore import IllegalTransition, JobStore, StaleAttempt, StillAlive
+from .jobstore import IllegalTransition, JobStore, StaleAttempt, StillAlive, lost_workers_error
 
 log = logging.getLogger("drmerge.reaper")
 
@@ -46,7 +56,7 @@ class Reaper:
     def __init__(self, store: JobStore, settings, enqueue, name: str | None = None):
         self.store = store
         self.settings = settings
-        self.enqueue = enqueue  # job_id -> None: publish a merge message
+        self.enqueue = enqueue  # (job_id, queue) -> None: publish a merge message to that queue
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self.lease_key = f"{store.p}:reaper"
         self._connected_since: float | None = None
@@ -65,9 +75,11 @@ class Reaper:
         return False
 
     def sweep(self, force: bool = False) -> dict:
-        """Look once; returns what was done: {"requeued", "failed", "cancelled", "sent"}
-        (lists of job ids). ``force`` skips the lease and the reconnect grace (tests)."""
-        done: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "sent": []}
+        """Look once; returns what was done: {"requeued", "failed", "cancelled", "sent",
+        "cleanup", "cleanup_given_up"} (lists of job ids). ``force`` skips the lease and the
+        reconnect grace (tests)."""
+        done: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "sent": [], "cleanup": [],
+                                      "cleanup_given_up": []}
         try:
             if not force:
                 if not self._hold_lease():
@@ -80,6 +92,7 @@ class Reaper:
                     return done  # just (re)connected: let workers refresh their heartbeats first
             self._reap_stale(done)
             self._send_unsent(done)
+            self._retry_cleanups(done)
         except Exception as e:  # Redis away: judge nothing until it has been back a while
             self._connected_since = None
             log.warning("reaper: %s", e)
@@ -108,21 +121,21 @@ class Reaper:
                 if job.status == "cancelling":
                     self.store.transition(job_id, "cancelled", from_={"cancelling"}, attempt=job.attempts,
                                           stale_after=limit, fields={"cleanup": "pending"},
+                                          cleanup_due=time.time() + s.cleanup_backoff_base_s,
                                           message=f"cancelled: {who} vanished (no heartbeat for {quiet}s) "
                                                   "before it stopped")
                     done["cancelled"].append(job_id)
-                    self._send_cleanup(job_id)
+                    self._send_cleanup(job_id, job.queue)
                 elif job.lost >= s.job_max_attempts:
                     self.store.transition(
                         job_id, "failed", from_={"running"}, attempt=job.attempts, stale_after=limit,
+                        cleanup_due=time.time() + s.cleanup_backoff_base_s,
                         fields={"cleanup": "pending",
-                                "error": {"code": "timeout", "param": None,
-                                          "message": f"{who} stopped sending heartbeats (none for {quiet}s) and "
-                                                     f"this job has now lost {job.lost} workers "
-                                                     f"(DRMERGE_JOB_MAX_ATTEMPTS={s.job_max_attempts}); giving up"}},
+                                "error": lost_workers_error(job.lost, s.job_max_attempts,
+                                                            f"{who} stopped sending heartbeats (none for {quiet}s)")},
                         message=f"failed: {who} vanished (no heartbeat for {quiet}s); too many lost workers")
                     done["failed"].append(job_id)
-                    self._send_cleanup(job_id)
+                    self._send_cleanup(job_id, job.queue)
                 else:
                     self.store.transition(
                         job_id, "queued", from_={"running"}, attempt=job.attempts, stale_after=limit,
@@ -130,7 +143,7 @@ class Reaper:
                         message=f"{who} vanished (no heartbeat for {quiet}s); re-queued "
                                 f"(lost {job.lost} of at most {s.job_max_attempts} workers)")
                     done["requeued"].append(job_id)
-                    self._send(job_id)
+                    self._send(job_id, job.queue)
             except (StillAlive, StaleAttempt, IllegalTransition):
                 continue  # it came back, or moved on, meanwhile
             log.warning("reaper: job %s: %s vanished (no heartbeat for %ss)", job_id, who, quiet)
@@ -143,30 +156,55 @@ class Reaper:
             return
         pipe = self.store.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(self.store.k_job(job_id), "enqueued_at", "updated_at")
+            pipe.hmget(self.store.k_job(job_id), "enqueued_at", "updated_at", "queue")
         cutoff = time.time() - self.settings.job_heartbeat_timeout_s
-        for job_id, (enqueued, updated) in zip(ids, pipe.execute()):
+        for job_id, (enqueued, updated, queue) in zip(ids, pipe.execute()):
             if enqueued or float(updated or 0) > cutoff:
                 continue
-            if self._send(job_id):
+            if self._send(job_id, queue):
                 self.store.add_event(job_id, "status", "its queue message was never sent; sent it now")
                 done["sent"].append(job_id)
 
-    def _send(self, job_id: str) -> bool:
+    def _retry_cleanups(self, done: dict) -> None:
+        """Jobs whose partial output is still to be removed and whose next try is due."""
+        s = self.settings
+        for job_id in self.store.due_cleanups():
+            claimed = self.store.claim_cleanup(job_id, s.cleanup_backoff_base_s, s.cleanup_backoff_max_s)
+            if claimed is None:
+                continue
+            attempt, queue = claimed
+            if attempt > s.cleanup_max_attempts:
+                job = self.store.get(job_id)
+                left = sorted({e.get("name") for e in (job.shards if job else []) if isinstance(e, dict)}
+                              | set(job.cleanup_files if job else []))
+                self.store.end_cleanup(job_id, "failed", f"gave up removing the partial output after {attempt - 1} "
+                                       f"tries (DRMERGE_CLEANUP_MAX_ATTEMPTS={s.cleanup_max_attempts}); remove what "
+                                       f"is left of it by hand: {', '.join(map(str, left))[:1500] or 'its output prefix'}"
+                                       ", and any unfinished multipart uploads there")
+                log.warning("reaper: job %s: gave up removing its partial output", job_id)
+                done["cleanup_given_up"].append(job_id)
+                continue
+            self._send_cleanup(job_id, queue)
+            done["cleanup"].append(job_id)
+
+    def _queue(self, queue: str | None) -> str:
+        return queue or self.settings.queue  # a record older than the queue field
+
+    def _send(self, job_id: str, queue: str | None) -> bool:
         if not self.store.claim_enqueue(job_id):
             return False
         try:
-            self.enqueue(job_id)
+            self.enqueue(job_id, self._queue(queue))
         except Exception as e:
             self.store.r.hset(self.store.k_job(job_id), "enqueued_at", "")  # the next sweep retries
             log.warning("reaper: cannot queue job %s: %s", job_id, e)
             return False
         return True
 
-    def _send_cleanup(self, job_id: str) -> None:
+    def _send_cleanup(self, job_id: str, queue: str | None) -> None:
         """A message for an ended job: the worker receiving it removes the partial output."""
         try:
-            self.enqueue(job_id)
+            self.enqueue(job_id, self._queue(queue))
         except Exception as e:
             log.warning("reaper: cannot ask a worker to clean up after job %s: %s", job_id, e)
 

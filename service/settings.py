@@ -27,7 +27,9 @@ class Settings(BaseSettings):
         75, description="Idle keep-alive connections of `drmerge api` close after this; keep it above your load "
                         "balancer's idle timeout.")
     broker_url: str | None = Field(None, description="Celery broker; unset means `redis_url`.")
-    queue: str = Field("drmerge", description="Celery queue the merge tasks go to.")
+    queue: str = Field("drmerge", description="Celery queue the merge tasks go to (and a worker consumes). A job "
+                                              "keeps the queue it was submitted to: its re-queues, re-sends and "
+                                              "cleanup requests go there, whichever process sends them.")
     key_prefix: str = Field("drmerge", description="Prefix of every Redis key the job store writes.")
 
     # Jobs.
@@ -39,10 +41,15 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(0.5, description="Least time between two progress writes of one job.")
     job_heartbeat_timeout_s: float = Field(
         120.0, description="A running job whose heartbeat is older than this is re-queued (resuming from its "
-                           "committed shards), or failed with `timeout` once it has lost `job_max_attempts` workers.")
+                           "committed shards), or failed with `internal_error` once it has lost `job_max_attempts` workers.")
     reaper_interval_s: float = Field(
         15.0, description="How often API and worker processes look for such jobs (one process at a time, by "
                           "lease); 0 turns the reaper off in this process.")
+    cleanup_max_attempts: int = Field(
+        12, description="Tries at removing a failed job's partial output (the storage was unreachable when it "
+                        "failed) before it is given up and left for an operator.")
+    cleanup_backoff_base_s: float = Field(30.0, description="Delay before the first such retry; doubles each retry.")
+    cleanup_backoff_max_s: float = Field(3600.0, description="Cap on the delay between two cleanup retries.")
     api_shutdown_timeout_s: float = Field(
         30.0, description="On SIGTERM the API stops accepting connections and waits this long for in-flight requests.")
     allow_local_root: str | None = Field(

@@ -242,6 +242,25 @@ def write_checkpoint(folder, tensors: dict, config: dict | None = None) -> str:
     return str(folder)
 
 
+def write_many_shards(folder, n_shards: int, seed: int = 0) -> str:
+    """A checkpoint of ``n_shards`` files of one 4x4 weight each, plus its index: planning
+    reads one header per shard, so over a slow S3 it takes a while (``n_shards`` x 3
+    requests) while the merge itself is trivial."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i in range(n_shards):
+        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file({f"layers.{i}.proj.weight": torch.randn(4, 4, generator=g)}, os.path.join(folder, shard))
+        weight_map[f"layers.{i}.proj.weight"] = shard
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 64 * n_shards}, "weight_map": weight_map}, f)
+    return str(folder)
+
+
 def make_family(root, *, n_models: int = 3, n_layers: int = 2, dim: int = 16, seed: int = 0) -> dict:
     """A base and ``n_models`` fine-tunes (low-rank matrix deltas, noisy biases):
     name -> local folder. ``n_layers`` scales the tensor count (3 per layer)."""

@@ -14,7 +14,7 @@ import time
 import uuid
 
 from tests.conftest import SERVICE_TEST_SETTINGS, list_keys
-from tests.servers import free_port
+from tests.servers import FaultyS3Proxy, free_port
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -176,3 +176,22 @@ def local_merge(spec: dict, family, out_dir) -> dict[str, bytes]:
 
 def pending_uploads(s3_client, bucket: str) -> list[str]:
     return [u["Key"] for u in s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
+
+
+SLOW_PLAN_SHARDS = 40  # x 3 requests per shard header x 0.2 s: ~25 s per checkpoint to plan
+
+
+def slow_plan_spec(s3_client, s3_bucket, tmp_path, proxy: FaultyS3Proxy, output: str) -> dict:
+    """Base and fine-tune of SLOW_PLAN_SHARDS one-tensor shards each, behind a proxy that
+    answers their reads 0.2 s late: planning takes ~50 s, merging next to nothing."""
+    from tests.conftest import upload_folder, write_many_shards
+
+    uris = {label: upload_folder(s3_client, write_many_shards(tmp_path / label, SLOW_PLAN_SHARDS, seed=i),
+                                 s3_bucket, f"slowplan/{label}") for i, label in enumerate(("base", "ft"))}
+    proxy.add("delay", lambda m, p, q: m in ("GET", "HEAD") and "/slowplan/" in p, seconds=0.2)
+    return {"base_model": uris["base"], "models": [uris["ft"]], "method": "task_arithmetic",
+            "output": f"s3://{s3_bucket}/{output}"}
+
+
+def shard_headers_read(proxy: FaultyS3Proxy) -> set[str]:
+    return {p for m, p, q, _ in list(proxy.log) if m == "GET" and "/slowplan/" in p and p.endswith(".safetensors")}

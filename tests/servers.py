@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -211,7 +212,8 @@ class FaultyS3Proxy:
     - ``drop``: read the request, then close the connection without an answer;
     - ``cut``: forward, then close the connection halfway through the response body;
     - ``hold``: keep the request waiting (not forwarded) until ``release()``, then drop
-      it: a client stuck on a slow server, whatever happens to the client meanwhile.
+      it: a client stuck on a slow server, whatever happens to the client meanwhile;
+    - ``delay``: wait ``seconds``, then forward: a slow (far away, overloaded) server.
 
     Every request is recorded in ``log`` as (method, path, query, what happened).
     Headers are forwarded untouched, so SigV4 signatures made for the proxy's address stay
@@ -249,8 +251,10 @@ class FaultyS3Proxy:
         self._thread.start()
 
     # -- rules ----------------------------------------------------------------------------
-    def add(self, action: str, match, count: int | None = None, status: int = 503, code: str = "SlowDown") -> dict:
-        rule = {"action": action, "match": match, "left": count, "status": status, "code": code, "hits": 0}
+    def add(self, action: str, match, count: int | None = None, status: int = 503, code: str = "SlowDown",
+            seconds: float = 0.0) -> dict:
+        rule = {"action": action, "match": match, "left": count, "status": status, "code": code, "hits": 0,
+                "seconds": seconds}
         with self._lock:
             self.rules.append(rule)
         return rule
@@ -295,6 +299,9 @@ class FaultyS3Proxy:
             self.held.set()
             self._release.wait(120)
             action = "drop"
+        if action == "delay":
+            time.sleep(rule["seconds"])
+            action = "forward"
         if action == "drop":
             h.close_connection = True
             return

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from drmerge.errors import MergeError
+from drmerge.errors import Cancelled, MergeError
 from drmerge.pipeline import run_merge, validate
 from drmerge.spec import load_spec_file, parse_spec
 
@@ -228,4 +228,79 @@ def test_validate_catches_the_same_errors_without_writing(family, tmp_path):
     with pytest.raises(MergeError) as err:
         validate(parse_spec({"base_model": base, "models": [str(tmp_path / "nope")], "output": str(tmp_path / "o")}))
     assert err.value.code == "input_not_found"
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- size bounds (issue 18, item 4)
+
+def sharded_copy(src: str, d) -> None:
+    shutil.copytree(src, d)
+    os.rename(d / "model.safetensors", d / "model-00001-of-00001.safetensors")
+
+
+def test_an_oversized_index_is_refused_unread(family, tmp_path):
+    from drmerge.checkpoint import MAX_INDEX_BYTES
+
+    base, models = family
+    d = tmp_path / "m"
+    sharded_copy(models[0], d)
+    with open(d / "model.safetensors.index.json", "wb") as f:
+        f.truncate(MAX_INDEX_BYTES + 1)  # sparse: refused by its size before a byte is read
+    e = merge_error({"base_model": base, "models": [str(d)], "output": str(tmp_path / "o")})
+    assert e.code == "corrupt_checkpoint" and "model.safetensors.index.json" in e.message
+    assert str(MAX_INDEX_BYTES) in e.message
+
+
+def test_an_index_listing_too_many_tensors_is_refused(family, tmp_path):
+    from drmerge.checkpoint import MAX_TENSORS
+
+    base, models = family
+    d = tmp_path / "m"
+    sharded_copy(models[0], d)
+    weight_map = {f"t{i}": "model-00001-of-00001.safetensors" for i in range(MAX_TENSORS + 1)}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    e = merge_error({"base_model": base, "models": [str(d)], "output": str(tmp_path / "o")})
+    assert e.code == "corrupt_checkpoint" and f"lists {MAX_TENSORS + 1} tensors" in e.message
+
+
+def test_a_header_listing_too_many_tensors_is_refused(tmp_path, monkeypatch):
+    import drmerge.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_TENSORS", 3)  # the real bound is 2^18 entries (~20 MB of header)
+    d = tmp_path / "m"
+    d.mkdir()
+    header = {f"w{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(4)}
+    write_raw_safetensors(str(d / "model.safetensors"), header, b"\0" * 16)
+    e = merge_error({"base_model": str(d), "models": [str(d)], "output": str(tmp_path / "o")})
+    assert e.code == "corrupt_checkpoint" and "4 tensors" in e.message and "(3)" in e.message
+
+
+def test_select_patterns_that_together_unroll_too_far_are_refused():
+    from drmerge.patterns import MAX_TOTAL_PATTERN_SIZE
+
+    each = MAX_TOTAL_PATTERN_SIZE // 4  # each alone is fine
+    with pytest.raises(MergeError) as err:
+        parse_spec({"base_model": "b", "models": ["a"], "output": "o",
+                    "select": {"linear": [f"a{{{each}}}", ".*weight"], "exclude": [f"b{{{each}}}", f"d{{{each}}}"],
+                               "ignore": [f"c{{{each}}}"]}})
+    assert err.value.code == "invalid_spec" and err.value.param == "select.ignore[0]"
+    assert f"more than {MAX_TOTAL_PATTERN_SIZE} elements" in err.value.message
+
+
+# ---------------------------------------------------------------- cancel while planning (issue 18, item 4)
+
+def test_a_cancel_takes_effect_while_planning(family, tmp_path):
+    """The cancel hook (the service's also carries the time limit) is asked while the
+    plan is made, not only between tensors: a run cancelled during planning stops there."""
+    base, models = family
+    calls, stages = [], []
+
+    def cancel() -> bool:
+        calls.append(stages[-1] if stages else None)
+        return True
+
+    with pytest.raises(Cancelled):
+        run_merge(parse_spec({"base_model": base, "models": models, "output": str(tmp_path / "o")}), device="cpu",
+                  should_cancel=cancel, progress=lambda p: stages.append(p.stage))
+    assert calls == ["planning"] and stages == ["planning"]
     assert not (tmp_path / "o").exists()

@@ -184,6 +184,73 @@ def test_unicode_tensor_names_and_paths(service_stack, s3_client, s3_bucket, tmp
     assert any(j["id"] == done["id"] for j in listed)
 
 
+# ---------------------------------------------------------------- hostile adapters and indexes (issue 18, 3 and 4)
+
+def upload_adapter(s3_client, bucket: str, prefix: str, config: dict) -> str:
+    """A PEFT-layout LoRA adapter for the ``family`` checkpoints (rank 2 on layers.0.proj)."""
+    import torch
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {"base_model.model.layers.0.proj.lora_A.weight": torch.randn(2, 16, generator=g),
+               "base_model.model.layers.0.proj.lora_B.weight": torch.randn(16, 2, generator=g)}
+    s3_client.put_object(Bucket=bucket, Key=f"{prefix}/adapter_model.safetensors", Body=save(tensors))
+    s3_client.put_object(Bucket=bucket, Key=f"{prefix}/adapter_config.json", Body=json.dumps(config).encode())
+    return f"s3://{bucket}/{prefix}/"
+
+
+def worker_pid(service_stack) -> str:
+    return service_stack.store.r.hget(f"{service_stack.store.p}:worker:{service_stack.worker_name}", "pid")
+
+
+LORA_CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["proj"]}
+
+
+@pytest.mark.parametrize("case", ["compile bomb", "150,000 keys"])
+def test_a_hostile_adapter_config_is_refused_fast_and_the_worker_lives_on(service_stack, family, s3_client,
+                                                                          s3_bucket, case):
+    """A 120-byte adapter_config.json whose rank_pattern key compiles for minutes (it
+    OOM-killed workers in turn), and one with 150,000 keys (it planned for 237 s): both
+    refused as corrupt_checkpoint in seconds; the same worker process takes the next job."""
+    keys = {"(?:(?:(?:a{99}){99}){99}){99}": 2} if case == "compile bomb" else \
+        {f"layers.{i}.q": 2 for i in range(150_000)}
+    lora = upload_adapter(s3_client, s3_bucket, "lora-hostile", dict(LORA_CONFIG, rank_pattern=keys))
+    pid = worker_pid(service_stack)
+    assert pid
+    spec = family.spec("merged/hostile-lora/", method="task_arithmetic")
+    spec["models"] = [spec["models"][0], {"model": lora}]
+    t0 = time.monotonic()
+    done = assert_refused(service_stack, s3_client, s3_bucket, service_stack.submit(spec), "corrupt_checkpoint",
+                          "adapter_config.json rank_pattern", param="models[1].model")
+    assert time.monotonic() - t0 < 30  # the bomb compiles for minutes; the keys planned for 237 s
+    assert ("repeats too much" if case == "compile bomb" else "150000 keys") in done["error"]["message"]
+    good = upload_adapter(s3_client, s3_bucket, "lora-good", dict(LORA_CONFIG, rank_pattern={"proj": 2}))
+    spec["models"][1] = {"model": good}
+    after = service_stack.wait(service_stack.submit(dict(spec, output=f"s3://{s3_bucket}/merged/after-lora/"))["id"])
+    assert after["status"] == "succeeded", after
+    assert worker_pid(service_stack) == pid  # the same worker process, alive
+
+
+def test_an_oversized_index_is_refused_unread(service_stack, family, s3_client, s3_bucket):
+    """A model.safetensors.index.json over MAX_INDEX_BYTES is refused by its size (a 1 GiB
+    one, read whole, took a worker from 0.5 to 2.5 GB)."""
+    from drmerge.checkpoint import MAX_INDEX_BYTES
+
+    body = s3_client.get_object(Bucket=s3_bucket, Key="ft-1/model.safetensors")["Body"].read()
+    s3_client.put_object(Bucket=s3_bucket, Key="ft-1/model-00001-of-00001.safetensors", Body=body)
+    s3_client.delete_object(Bucket=s3_bucket, Key="ft-1/model.safetensors")
+    index = json.dumps({"weight_map": {}}).encode()
+    s3_client.put_object(Bucket=s3_bucket, Key="ft-1/model.safetensors.index.json",
+                         Body=index + b" " * (MAX_INDEX_BYTES + 1 - len(index)))
+    pid = worker_pid(service_stack)
+    assert pid
+    t0 = time.monotonic()
+    done = assert_refused(service_stack, s3_client, s3_bucket, service_stack.submit(family.spec("merged/big-index/")),
+                          "corrupt_checkpoint", "model.safetensors.index.json")
+    assert str(MAX_INDEX_BYTES) in done["error"]["message"] and time.monotonic() - t0 < 30
+    assert worker_pid(service_stack) == pid
+
+
 def test_the_worker_survived_all_of_it(service_stack, family):
     """After every hostile job above, the same worker process still takes work."""
     live = service_stack.http.get("/readyz").json()["workers"]

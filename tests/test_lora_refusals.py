@@ -176,3 +176,81 @@ def test_bad_rank_pattern_regex(env, tmp_path):
     bad = copy_good(env, tmp_path)
     edit_config(bad, rank_pattern={"q_proj(": 2})
     refused(spec_for(env, tmp_path, bad), "corrupt_checkpoint", "rank_pattern", "q_proj(", bad)
+
+
+# ---------------------------------------------------------------- hostile configs (issue 18, items 3 and 4)
+# An adapter_config.json is a file from the user's bucket: its rank_pattern/alpha_pattern
+# keys are regular expressions the engine compiles and matches against every module, so
+# they go through the same guarded compile and time-bounded match as the spec's select
+# patterns (drmerge/patterns.py), with corrupt_checkpoint as the code.
+
+COMPILE_BOMB = "(?:(?:(?:a{99}){99}){99}){99}"  # 31 bytes; compiling it grows memory for minutes
+
+
+@pytest.mark.parametrize("mapping", ["rank_pattern", "alpha_pattern"])
+def test_a_compile_bomb_key_is_refused_before_it_is_compiled(env, tmp_path, mapping):
+    import time
+
+    bad = copy_good(env, tmp_path)
+    edit_config(bad, **{mapping: {"q_proj": 4, COMPILE_BOMB: 4}})
+    t0 = time.monotonic()
+    err = refused(spec_for(env, tmp_path, bad), "corrupt_checkpoint", bad, "adapter_config.json", mapping,
+                  "repeats too much", param="models[1].model")
+    assert time.monotonic() - t0 < 30, "the key was compiled (it takes minutes)"
+    assert COMPILE_BOMB[:20] in err.message
+
+
+def test_a_backtracking_key_is_stopped_by_the_match_timeout(env, tmp_path):
+    bad = copy_good(env, tmp_path)
+    # exponential in the module name's length (~30 characters): far over the 0.5 s bound
+    edit_config(bad, rank_pattern={"(.*){1,32000}[bc]": 4})
+    refused(spec_for(env, tmp_path, bad), "corrupt_checkpoint", bad, "rank_pattern", "backtracks",
+            param="models[1].model")
+
+
+def test_too_many_pattern_keys_are_refused_by_count(env, tmp_path):
+    from drmerge.adapters import MAX_CONFIG_PATTERNS
+
+    bad = copy_good(env, tmp_path)
+    edit_config(bad, rank_pattern={f"layers.{i}.q": 4 for i in range(150_000)})  # ~3 MB, as found
+    assert os.path.getsize(os.path.join(bad, "adapter_config.json")) > 2_000_000
+    refused(spec_for(env, tmp_path, bad), "corrupt_checkpoint", bad, "rank_pattern has 150000 keys",
+            str(MAX_CONFIG_PATTERNS), param="models[1].model")
+
+
+def test_keys_that_together_unroll_too_far_are_refused(env, tmp_path):
+    from drmerge.patterns import MAX_PATTERN_SIZE, MAX_TOTAL_PATTERN_SIZE
+
+    bad = copy_good(env, tmp_path)
+    each = MAX_PATTERN_SIZE // 2  # each key alone is fine
+    keys = {f"x{i}a{{{each}}}": 4 for i in range(2 * MAX_TOTAL_PATTERN_SIZE // each)}
+    edit_config(bad, alpha_pattern=keys)
+    refused(spec_for(env, tmp_path, bad), "corrupt_checkpoint", bad, "adapter_config.json",
+            f"more than {MAX_TOTAL_PATTERN_SIZE} elements", param="models[1].model")
+
+
+def test_an_oversized_config_is_refused_unread(env, tmp_path):
+    from drmerge.adapters import MAX_ADAPTER_CONFIG_BYTES
+
+    bad = copy_good(env, tmp_path)
+    with open(os.path.join(bad, "adapter_config.json"), "r+b") as f:
+        f.truncate(MAX_ADAPTER_CONFIG_BYTES + 1)  # sparse: refused by its size, never parsed
+    refused(spec_for(env, tmp_path, bad), "corrupt_checkpoint", bad, "adapter_config.json",
+            str(MAX_ADAPTER_CONFIG_BYTES), param="models[1].model")
+
+
+def test_pattern_keys_still_resolve_like_peft(env, tmp_path):
+    """The guarded compile changes nothing for real keys: a module's rank comes from the
+    first key that matches it, as before (and as PEFT does)."""
+    adapter = variant(env, "ranked", target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+                      alpha_pattern={"v_proj": 6})
+    result = merge({"base_model": env["base"], "models": [env["good"], adapter], "output": str(tmp_path / "out"),
+                    "method": "task_arithmetic"}, device="cpu")
+    assert result.tensors > 0
+    from drmerge.adapters import AdapterReader
+    from drmerge.storage import LocalStorage
+
+    reader = AdapterReader(LocalStorage(adapter), "a")
+    v = reader.modules["model.layers.0.self_attn.v_proj"]
+    q = reader.modules[Q0]
+    assert (v.rank, v.alpha, q.rank) == (2, 6.0, 4)

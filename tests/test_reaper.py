@@ -28,14 +28,23 @@ def settings(s3_server, **kw) -> Settings:
 
 
 class Sent(list):
-    """The reaper's enqueue callable: records the job ids it was asked to send."""
+    """The reaper's enqueue callable: records the job ids it was asked to send (and, in
+    ``queues``, the queue each went to)."""
 
-    def __call__(self, job_id):
+    def __init__(self):
+        super().__init__()
+        self.queues: list[str] = []
+
+    def __call__(self, job_id, queue):
         self.append(job_id)
+        self.queues.append(queue)
+
+
+JOB_QUEUE = "pool-a"  # the queue the test jobs were submitted to; the settings' default differs
 
 
 def queued(store, spec=None, output=None) -> str:
-    job, _ = store.create(spec or {"method": "drm"}, output or f"s3://bkt/{uuid.uuid4().hex}/")
+    job, _ = store.create(spec or {"method": "drm"}, output or f"s3://bkt/{uuid.uuid4().hex}/", queue=JOB_QUEUE)
     return job.id
 
 
@@ -131,7 +140,7 @@ def test_one_reaper_sweeps_at_a_time_and_waits_after_reconnecting(store, s3_serv
     assert store.r.get(a.lease_key) is None
 
 
-def test_a_job_that_lost_too_many_workers_fails_with_timeout_and_is_cleaned(store, s3_server, s3_client, family):
+def test_a_job_that_lost_too_many_workers_fails_with_internal_error_and_is_cleaned(store, s3_server, s3_client, family):
     from drmerge.spec import parse_spec
 
     s = settings(s3_server, job_max_attempts=2)
@@ -151,13 +160,16 @@ def test_a_job_that_lost_too_many_workers_fails_with_timeout_and_is_cleaned(stor
     reaper.enqueue = sent
     sweep_until(reaper, lambda d: d["failed"] == [job_id])
     job = store.require(job_id)
-    assert job.status == "failed" and job.error["code"] == "timeout" and "lost 2 workers" in job.error["message"]
+    assert job.status == "failed" and job.error["code"] == "internal_error" and "lost 2 workers" in job.error["message"]
     assert job.cleanup == "pending" and sent == [job_id]  # a message for a worker to clean up
+    assert store.r.hget(store.k_outputs, spec["output"]) == job_id  # reserved until it is clean
     # the worker that receives it removes the partial output and drops the message
     assert JobRunner(store, s, "w3").run(job_id) is None
     assert list_keys(s3_client, family.bucket, "merged/abandoned/") == []
     assert not s3_client.list_multipart_uploads(Bucket=family.bucket).get("Uploads")
     assert store.require(job_id).cleanup is None
+    assert store.r.hget(store.k_outputs, spec["output"]) is None
+    assert store.r.zscore(store.k_cleanup_due, job_id) is None
     assert any(e["type"] == "cleanup" for e in store.events(job_id))
 
 
@@ -256,3 +268,91 @@ def test_a_zombie_attempt_never_deletes_the_newer_attempt_s_shards(store, s3_ser
     keys = list_keys(s3_client, s3_bucket, "merged/zombie/")
     assert {f"merged/zombie/{e['name']}" for e in job.shards} <= set(keys)
     assert zombie._lost.is_set()
+
+
+def test_every_resend_goes_to_the_job_s_own_queue(store, s3_server):
+    """A reaper serves pools on several queues: the re-queue, the unsent re-send, the
+    cleanup request and a worker's hand-back all go to the queue the job was submitted to,
+    never to the sending process's own DRMERGE_QUEUE (issue 18: a poison job re-queued
+    to the reaper's default queue reached a worker pool it was never sent to)."""
+    s = settings(s3_server, queue="pool-b", job_max_attempts=2)
+    assert s.queue != JOB_QUEUE
+    sent = Sent()
+    reaper = Reaper(store, s, sent)
+    requeued, _ = claimed(store, s)
+    sweep_until(reaper, lambda d: d["requeued"] == [requeued])
+    unsent = queued(store)
+    sweep_until(reaper, lambda d: d["sent"] == [unsent])
+    # a job that lost its second worker too: failed, and a cleanup request is sent
+    assert JobRunner(store, s, "w-b").claim(requeued) == 2
+    store.job_heartbeat(requeued, 2)
+    sweep_until(reaper, lambda d: d["failed"] == [requeued])
+    assert sent == [requeued, unsent, requeued] and sent.queues == [JOB_QUEUE] * 3
+    # a worker handing a job back on shutdown sends it to the job's queue too
+    handback = Sent()
+    runner = JobRunner(store, s, "w-c", enqueue=handback)
+    job_id = queued(store)
+    attempt = runner.claim(job_id)
+    runner._hand_back(job_id, attempt, {}, None)
+    assert handback == [job_id] and handback.queues == [JOB_QUEUE]
+    assert store.require(job_id).queue == JOB_QUEUE
+    # a record made before jobs had a queue falls back to the sender's own
+    legacy = queued(store)
+    store.r.hdel(store.k_job(legacy), "queue")
+    sweep_until(reaper, lambda d: d["sent"] == [legacy])
+    assert sent.queues[-1] == "pool-b"
+
+
+def test_a_cleanup_that_cannot_reach_s3_is_retried_with_backoff_then_given_up(store, s3_server):
+    """A merge whose own cleanup failed (S3 unreachable) ends with its real error and
+    ``cleanup: pending``; its output stays reserved; the reaper sends it to a worker again
+    with exponential backoff, and after DRMERGE_CLEANUP_MAX_ATTEMPTS gives up, says what
+    is left and releases the output."""
+    from drmerge.errors import MergeError
+    from drmerge.spec import parse_spec
+    from service.jobstore import OutputBusy
+
+    s = settings(s3_server, cleanup_backoff_base_s=10.0, cleanup_backoff_max_s=15.0, cleanup_max_attempts=2)
+    spec = parse_spec({"base_model": "s3://bkt/base/", "models": ["s3://bkt/ft/"],
+                       "output": f"s3://bkt/{uuid.uuid4().hex}/"}).to_dict()
+
+    def failing_merge(*_, **__):
+        e = MergeError("storage_error", "S3 failed to write s3://bkt/o/model-00002-of-00002.safetensors")
+        e.cleanup_pending = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        raise e
+
+    job_id = queued(store, spec, spec["output"])
+    t0 = time.time()
+    assert JobRunner(store, s, "w-a", run_merge=failing_merge).run(job_id) == "failed"
+    job = store.require(job_id)
+    assert job.error["code"] == "storage_error" and "write" in job.error["message"]  # the merge's own error
+    assert job.cleanup == "pending" and job.cleanup_files == ["model-00001-of-00002.safetensors",
+                                                              "model-00002-of-00002.safetensors"]
+    assert "removal is retried" in [e for e in store.events(job_id) if e["type"] == "status"][-1]["message"]
+    due = store.r.zscore(store.k_cleanup_due, job_id)
+    assert t0 + 10.0 - 0.01 <= due <= time.time() + 10.0 + 0.01  # (stored to the millisecond)
+    with pytest.raises(OutputBusy):  # nobody writes there before it is clean
+        store.create(spec, spec["output"])
+
+    sent = Sent()
+    reaper = Reaper(store, s, sent)
+    assert reaper.sweep(force=True)["cleanup"] == []  # not due yet
+    for attempt, delay in ((1, 10.0), (2, 15.0)):  # base, then 2 x base capped at the max
+        store.r.zadd(store.k_cleanup_due, {job_id: time.time() - 1})  # (instead of waiting for it)
+        before = time.time()
+        assert reaper.sweep(force=True)["cleanup"] == [job_id]
+        assert before + delay - 0.01 <= store.r.zscore(store.k_cleanup_due, job_id) <= time.time() + delay + 0.01
+        assert int(store.r.hget(store.k_job(job_id), "cleanup_attempts")) == attempt
+    assert sent == [job_id, job_id] and sent.queues == [JOB_QUEUE] * 2  # a worker gets the job's id each time
+
+    store.r.zadd(store.k_cleanup_due, {job_id: time.time() - 1})
+    assert reaper.sweep(force=True)["cleanup_given_up"] == [job_id]
+    job = store.require(job_id)
+    assert job.cleanup == "failed" and job.status == "failed" and job.error["code"] == "storage_error"
+    assert store.r.zscore(store.k_cleanup_due, job_id) is None
+    last = store.events(job_id)[-1]
+    assert last["type"] == "cleanup" and last["outcome"] == "failed"
+    assert "model-00001-of-00002.safetensors" in last["message"] and "by hand" in last["message"]
+    store.create(spec, spec["output"])  # the output is released
+    assert JobRunner(store, s, "w-b").run(job_id) is None  # a late message changes nothing
+    assert store.require(job_id).cleanup == "failed"

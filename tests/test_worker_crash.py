@@ -79,3 +79,47 @@ def test_kill_9_mid_merge_the_job_is_resumed_by_another_worker(redis_server, s3_
     finally:
         stack.stop()
         proxy.stop()
+
+
+def test_a_requeued_job_goes_back_to_its_own_queue(redis_server, s3_server, s3_client, s3_bucket, tmp_path):
+    """Two worker pools on two queues. The job's worker is SIGKILLed and the one reaper
+    left sweeping belongs to the other pool: the job is re-queued to the queue it was
+    submitted to, so the other pool never sees it (issue 18: a poison job re-queued to the
+    reaper's own default queue reached a pool it was never sent to), and a worker of its
+    own pool resumes it."""
+    import os
+
+    import redis
+
+    from drmerge.devstack import start_api
+
+    fam = _family(tmp_path, s3_client, s3_bucket, prefix="slow/", n_layers=80, dim=8)  # seconds of reading
+    spec = fam.spec("merged/own-queue/", method="task_arithmetic", shard_size="8KB")
+    stack = Stack(redis_server.url, s3_server, tmp_path / "logs", api=False, **FAST_RECOVERY)
+    broker = redis.Redis.from_url(redis_server.url)
+    no_reaper = {"DRMERGE_REAPER_INTERVAL_S": "0"}
+    try:
+        stack.api_proc = start_api(dict(stack.env, **no_reaper), stack.port, os.path.join(stack.log_dir, "api.log"))
+        other_queue = f"{stack.prefix}-other-pool"
+        stack.start_worker("other", env={"DRMERGE_QUEUE": other_queue})  # the only reaper
+        stack.start_worker("a", env=no_reaper)
+        job = stack.submit(spec)
+        stack.wait_for(job["id"], lambda j: j["status"] == "running" and j["progress"]["tensors_done"] > 0,
+                       60, "the merge to be under way")
+        stack.kill_worker("a")
+        stack.wait_for(job["id"], lambda j: j["status"] == "queued", 60, "the re-queue")
+        assert "re-queued" in [e for e in stack.events(job["id"]) if e["type"] == "status"][-1]["message"]
+        # its message waits in its own queue on the broker; the other pool's queue is empty
+        wait_until(lambda: broker.llen(stack.settings.queue) == 1, 10, "the message in the job's own queue")
+        assert broker.llen(other_queue) == 0
+        assert stack.store.require(job["id"]).queue == stack.settings.queue
+
+        stack.start_worker("b")
+        done = stack.wait(job["id"], timeout=120)
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert stack.store.require(job["id"]).worker == stack.worker_name("b")
+        assert not any(stack.worker_name("other") in e["message"] for e in stack.events(job["id"]))
+        assert stack.workers["other"].poll() is None  # alive, and it never ran the job
+    finally:
+        broker.close()
+        stack.stop()

@@ -58,7 +58,7 @@ def test_a_job_that_keeps_killing_workers_fails(store, s3_server):
     assert JobRunner(store, s, "w2").claim(job_id) == 2
     assert JobRunner(store, s, "w3").claim(job_id) is None
     job = store.require(job_id)
-    assert job.status == "failed" and job.error["code"] == "internal_error" and "lost 2 times" in job.error["message"]
+    assert job.status == "failed" and job.error["code"] == "internal_error" and "lost 2 workers" in job.error["message"]
 
 
 def test_cancelled_finished_and_unknown_jobs_never_run(store, s3_server):
@@ -133,3 +133,25 @@ def test_the_outcome_survives_a_redis_restart(tmp_path, s3_server):
         server.stop()
         if "server" in holder:
             holder["server"].stop()
+
+
+def test_the_time_limit_applies_while_planning(store, s3_server, s3_client, s3_bucket, tmp_path):
+    """The deadline is checked inside planning too (it rides on the engine's cancel hook):
+    a plan that reads 80 shard headers over a slow S3 (~50 s) is stopped at the limit."""
+    from drmerge.spec import parse_spec
+    from tests.servers import FaultyS3Proxy
+    from tests.reliability_stack import SLOW_PLAN_SHARDS, shard_headers_read, slow_plan_spec
+
+    with FaultyS3Proxy(s3_server.endpoint_url) as proxy:
+        spec = parse_spec(slow_plan_spec(s3_client, s3_bucket, tmp_path, proxy, "merged/slow-plan/")).to_dict()
+        s = Settings(s3_endpoint_url=proxy.url, worker_device="cpu", progress_interval_s=0.01,
+                     worker_heartbeat_ttl_s=5, job_time_limit_s=2)
+        job_id = queued(store, spec)
+        t0 = time.monotonic()
+        assert JobRunner(store, s, "w").run(job_id) == "failed"
+        assert time.monotonic() - t0 < 30  # the whole plan would take ~50 s
+        assert len(shard_headers_read(proxy)) < 2 * SLOW_PLAN_SHARDS
+    job = store.require(job_id)
+    assert job.error["code"] == "timeout" and "2s limit" in job.error["message"], job.error
+    assert job.progress["tensors_done"] == 0
+    assert list_keys(s3_client, s3_bucket, "merged/slow-plan/") == []

@@ -18,6 +18,10 @@ Kept apart from Celery so the rules read in one place (and so tests can drive it
   output, which now belongs to the newer attempt;
 - every committed output shard goes into the job's resume journal; a later attempt
   verifies those shards and merges only the rest;
+- a failed or cancelled merge removes its partial output; if it cannot (the storage is
+  unreachable), the job still ends with the merge's own error and is marked ``cleanup:
+  pending`` (what may remain recorded), and the reaper sends it to a worker again, with
+  backoff, until ``_discard_output`` finds the prefix clean;
 - on worker shutdown (SIGTERM) the engine stops at the next tensor, keeps its committed
   shards, and the job goes back to the queue (``running -> queued``, a fresh message):
   a hand-off, which does not count as a lost attempt.
@@ -30,7 +34,7 @@ import os
 import threading
 import time
 
-from service.jobstore import IllegalTransition, JobStore, StaleAttempt, empty_progress
+from service.jobstore import IllegalTransition, JobStore, StaleAttempt, empty_progress, lost_workers_error
 
 log = logging.getLogger("drmerge.worker")
 
@@ -165,7 +169,7 @@ class JobRunner:
         self.worker_name = worker_name
         self.device = device or settings.worker_device
         self._run_merge = run_merge  # injectable engine entry point; default drmerge.pipeline.run_merge
-        self.enqueue = enqueue  # job_id -> None: publish a merge message (hand-backs); None: leave it to the reaper
+        self.enqueue = enqueue  # (job_id, queue) -> None: publish a merge message (hand-backs); None: the reaper does
         self.current_job: str | None = None
         self.current_attempt: int | None = None
         self.shutting_down = threading.Event()  # set by the worker's SIGTERM hook
@@ -209,10 +213,9 @@ class JobRunner:
                     return None
                 if job.lost >= self.settings.job_max_attempts:
                     if self._finish(job_id, "failed", attempt=job.attempts, from_={"running"},
-                                    error={"code": "internal_error", "param": None,
-                                           "message": f"the worker running this job was lost {job.lost} times "
-                                                      "(out of memory or killed?); giving up"},
-                                    message="too many lost workers"):
+                                    error=lost_workers_error(job.lost, self.settings.job_max_attempts,
+                                                             f"worker {owner or '?'} was lost"),
+                                    message="too many lost workers", cleanup=[]):
                         self._discard_output(self.store.require(job_id))
                     return None
                 message = f"worker {owner} was lost; restarting on {self.worker_name} (attempt {job.attempts + 1})"
@@ -307,17 +310,23 @@ class JobRunner:
             return self._hand_back(job_id, attempt, reporter.flush(), e)
         except MergeError as e:
             progress = reporter.flush()
+            # The engine could not remove all of its partial output: the job keeps the
+            # merge's own error and gets a cleanup that is retried until the prefix is clean.
+            left = list(e.cleanup_pending) or None
+            removed = ("its partial output could not all be removed yet (storage unavailable?); removal is retried"
+                       if left else "its partial output was removed")
             if e.code == "cancelled" and timed_out.is_set() and not watcher.event.is_set():
                 return self._finish(job_id, "failed", attempt, from_={"running", "cancelling"}, progress=progress,
                                     error={"code": "timeout", "param": None,
                                            "message": f"the merge ran longer than the {limit}s limit and was stopped; "
-                                                      "its partial output was removed"},
-                                    message="time limit exceeded")
+                                                      f"{removed}"},
+                                    message="time limit exceeded", cleanup=left)
             if e.code == "cancelled":
                 return self._finish(job_id, "cancelled", attempt, from_={"cancelling"}, progress=progress,
-                                    message="cancelled; partial output removed")
+                                    message=f"cancelled; {removed if left else 'partial output removed'}", cleanup=left)
             return self._finish(job_id, "failed", attempt, from_={"running", "cancelling"}, progress=progress,
-                                error=e.to_dict(), message=f"failed: {e.code}")
+                                error=e.to_dict(), message=f"failed: {e.code}" + (f"; {removed}" if left else ""),
+                                cleanup=left)
         except Exception as e:  # a bug; the engine normally wraps these itself
             log.exception("job %s: unexpected error", job_id)
             return self._finish(job_id, "failed", attempt, from_={"running", "cancelling"},
@@ -360,40 +369,60 @@ class JobRunner:
         except (StaleAttempt, IllegalTransition) as e:
             log.warning("job %s: cannot hand it back: %s", job_id, e)
             return None
-        self._send(job_id)
+        self._send(job_id, job.queue if job else None)
         log.info("job %s handed back to the queue", job_id)
         return "queued"
 
-    def _send(self, job_id: str) -> None:
-        """Publish a merge message for a queued job (the reaper does it if this fails)."""
+    def _send(self, job_id: str, queue: str | None) -> None:
+        """Publish a merge message for a queued job to its own queue (the reaper does it
+        if this fails)."""
         if self.enqueue is None:
             return
         try:
             if self.store.claim_enqueue(job_id):
                 try:
-                    self.enqueue(job_id)
+                    self.enqueue(job_id, queue or self.settings.queue)
                 except Exception:
                     self.store.r.hset(self.store.k_job(job_id), "enqueued_at", "")
                     raise
         except Exception as e:
             log.warning("job %s: cannot queue it again (the reaper will): %s", job_id, e)
 
-    def _discard_output(self, job) -> None:
-        """Remove the partial output of a job that ended without its worker."""
+    def _discard_output(self, job) -> bool:
+        """Remove the partial output of a job that ended without its worker, or whose own
+        cleanup failed: its journalled shards, the objects its run could not remove
+        (``cleanup_files``), its index and its unfinished uploads. Once that succeeds the
+        cleanup is over (and the job's output reservation released); if the storage fails
+        again the job stays ``cleanup: pending`` and the reaper retries it later."""
         from drmerge.spec import parse_spec
 
+        entries = list(job.shards) + [{"name": n} for n in job.cleanup_files]
         try:
             from drmerge.pipeline import discard_partial_output
 
-            removed = discard_partial_output(parse_spec(job.spec), job.shards, self.settings.s3_options())
-            self.store.r.hdel(self.store.k_job(job.id), "cleanup")
-            if removed:
-                self.store.add_event(job.id, "cleanup", f"removed partial output: {', '.join(removed)[:1500]}")
+            removed = discard_partial_output(parse_spec(job.spec), entries, self.settings.s3_options())
         except Exception as e:
-            log.warning("job %s: cannot remove its partial output: %s", job.id, e)
+            log.warning("job %s: cannot remove its partial output yet: %s", job.id, e)
+            try:
+                self.store.schedule_cleanup(job.id, job.cleanup_files,
+                                            due=time.time() + self.settings.cleanup_backoff_base_s)
+                self.store.add_event(job.id, "cleanup", f"could not remove the partial output yet ({e}); "
+                                     "it is retried later"[:2000], outcome="retry")
+            except Exception as e2:
+                log.warning("job %s: cannot record the cleanup retry: %s", job.id, e2)
+            return False
+        try:
+            self.store.end_cleanup(job.id, "done", f"removed partial output: {', '.join(removed)[:1500]}" if removed
+                                   else "no partial output left to remove")
+        except Exception as e:
+            log.warning("job %s: cannot record the end of its cleanup: %s", job.id, e)
+        return True
 
     def _finish(self, job_id: str, status: str, attempt: int | None, *, from_: set[str], message: str,
-                progress: dict | None = None, result: dict | None = None, error: dict | None = None) -> str | None:
+                progress: dict | None = None, result: dict | None = None, error: dict | None = None,
+                cleanup: list[str] | None = None) -> str | None:
+        """Record how the job ended. ``cleanup`` (a list, even empty) marks its output for a
+        later cleanup, listing objects that may remain besides its journalled shards."""
         fields: dict = {}
         if progress is not None:
             fields["progress"] = progress
@@ -401,9 +430,14 @@ class JobRunner:
             fields["result"] = result
         if error is not None:
             fields["error"] = error
+        due = None
+        if cleanup is not None:
+            fields["cleanup"] = "pending"
+            fields["cleanup_files"] = list(cleanup)
+            due = time.time() + self.settings.cleanup_backoff_base_s
         try:
             self._with_redis_retries(lambda: self.store.transition(job_id, status, from_=from_, attempt=attempt,
-                                                                   fields=fields, message=message))
+                                                                   fields=fields, message=message, cleanup_due=due))
         except StaleAttempt:
             log.warning("job %s: attempt %s was superseded; not recording %s", job_id, attempt, status)
             return None

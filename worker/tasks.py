@@ -63,8 +63,10 @@ def _runner(hostname: str | None = None) -> JobRunner:
     return _state["runner"]
 
 
-def _enqueue(job_id: str) -> None:
-    celery_app.send_task(MERGE_TASK, args=[job_id], queue=get_settings().queue)
+def _enqueue(job_id: str, queue: str) -> None:
+    """Publish a merge message to ``queue``: the job's own (JobStore ``queue``), not
+    necessarily this worker's, so a job never reaches a pool it was not sent to."""
+    celery_app.send_task(MERGE_TASK, args=[job_id], queue=queue)
 
 
 @celery_app.task(name=MERGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

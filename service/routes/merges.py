@@ -154,15 +154,22 @@ def create_merge(body: MergeRequest, response: Response,
         job, created = store.create(spec.to_dict(), spec.output, metadata=body.metadata, webhook=webhook,
                                     idempotency_key=idempotency_key,
                                     request_hash=body_hash(body.model_dump(mode="json")),
-                                    tenant=principal.tenant, max_queued=settings.max_queued_per_tenant)
+                                    tenant=principal.tenant, max_queued=settings.max_queued_per_tenant,
+                                    queue=settings.queue)
     except IdempotencyConflict as e:
         raise Problem(422, "idempotency_key_reused", str(e), "Idempotency-Key") from None
     except OutputBusy as e:
         holder = store.get(e.job_id)
+        cleaning = holder is not None and holder.terminal  # it ended; its partial output is still being removed
         if holder is not None and holder.tenant != principal.tenant:  # name no other tenant's job or location
             where = e.output if e.held == e.output else f"a location that overlaps {e.output}"
-            raise Problem(409, "output_busy", f"another job is already writing to {where}; try again "
-                          "when it has ended", "spec.output") from None
+            what = ("the partial output of another job is still being removed from" if cleaning
+                    else "another job is already writing to")
+            raise Problem(409, "output_busy", f"{what} {where}; try again when it has ended", "spec.output") from None
+        if cleaning:
+            raise Problem(409, "output_busy", f"job {e.job_id} {holder.status}, and its partial output in {e.held} "
+                          "is still being removed (the storage was unavailable); try again later", "spec.output",
+                          job_id=e.job_id) from None
         raise Problem(409, "output_busy", str(e), "spec.output", job_id=e.job_id) from None
     except QuotaExceeded as e:
         raise Problem(429, "quota_exceeded", str(e), headers={"retry-after": str(QUOTA_RETRY_AFTER_S)},
@@ -173,7 +180,7 @@ def create_merge(body: MergeRequest, response: Response,
         # A replay re-sends a job whose first enqueue never happened (an API crash
         # between create and send); the worker's claim makes a duplicate harmless.
         try:
-            celery.send_task(MERGE_TASK, args=[job.id], queue=settings.queue, task_id=job.id)
+            celery.send_task(MERGE_TASK, args=[job.id], queue=job.queue or settings.queue, task_id=job.id)
             store.mark_enqueued(job.id)
         except Exception as e:
             log.exception("could not enqueue %s", job.id)
