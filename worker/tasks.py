@@ -20,12 +20,13 @@ import time
 
 from celery import signals
 
+from service.jobs.queue import MERGE_TASK, enqueue
 from service.jobstore import JobStore
 from service.reaper import Reaper
 from service.settings import get_settings
 from service.webhooks import WebhookDeliverer
 
-from .celery_app import MERGE_TASK, celery_app
+from .celery_app import celery_app
 from .runner import JobRunner
 
 log = logging.getLogger("drmerge.worker")
@@ -66,7 +67,7 @@ def _runner(hostname: str | None = None) -> JobRunner:
 def _enqueue(job_id: str, queue: str) -> None:
     """Publish a merge message to ``queue``: the job's own (JobStore ``queue``), not
     necessarily this worker's, so a job never reaches a pool it was not sent to."""
-    celery_app.send_task(MERGE_TASK, args=[job_id], queue=queue)
+    enqueue(celery_app, job_id, queue=queue)
 
 
 @celery_app.task(name=MERGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -13,6 +13,7 @@ from drmerge.spec import parse_spec
 
 from ..auth import Principal, get_principal
 from ..deps import get_celery, get_settings_dep, get_store
+from ..jobs.queue import enqueue
 from ..jobstore import (IdempotencyConflict, IllegalTransition, Job, JobNotFound, JobStore, JobStoreError, OutputBusy,
                         QuotaExceeded, body_hash, is_job_id, iso)
 from ..limits import check_spec
@@ -26,7 +27,6 @@ log = logging.getLogger("drmerge.api")
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
 
-MERGE_TASK = "drmerge.merge"
 QUOTA_RETRY_AFTER_S = 30
 
 
@@ -180,7 +180,7 @@ def create_merge(body: MergeRequest, response: Response,
         # A replay re-sends a job whose first enqueue never happened (an API crash
         # between create and send); the worker's claim makes a duplicate harmless.
         try:
-            celery.send_task(MERGE_TASK, args=[job.id], queue=job.queue or settings.queue, task_id=job.id)
+            enqueue(celery, job.id, queue=job.queue or settings.queue)
             store.mark_enqueued(job.id)
         except Exception as e:
             log.exception("could not enqueue %s", job.id)
