@@ -150,7 +150,7 @@ def aws_env(monkeypatch, s3_server):
 def _make_stack(redis_server, s3_server, log_dir, *, with_worker: bool, **overrides):
     import httpx
 
-    from drmerge.devstack import service_env, start_api, start_worker
+    from drmerge_ops.processes import service_env, start_api, start_worker
     from service.jobstore import JobStore
     from service.settings import Settings
 
@@ -184,7 +184,7 @@ def _make_stack(redis_server, s3_server, log_dir, *, with_worker: bool, **overri
 
 
 def _stop_all(procs) -> None:
-    from drmerge.devstack import stop_process
+    from drmerge_ops.processes import stop_process
 
     for p in reversed(procs):
         stop_process(p, 20)

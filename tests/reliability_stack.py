@@ -39,7 +39,7 @@ class Stack:
                  api: bool = True, **overrides):
         import httpx
 
-        from drmerge.devstack import service_env
+        from drmerge_ops.processes import service_env
         from service.jobstore import JobStore
         from service.settings import Settings
 
@@ -69,13 +69,13 @@ class Stack:
 
     # -- processes --------------------------------------------------------------------------
     def start_api(self) -> subprocess.Popen:
-        from drmerge.devstack import start_api
+        from drmerge_ops.processes import start_api
 
         self.api_proc = start_api(self.env, self.port, os.path.join(self.log_dir, "api.log"))
         return self.api_proc
 
     def start_worker(self, name: str, env: dict | None = None) -> subprocess.Popen:
-        from drmerge.devstack import start_worker
+        from drmerge_ops.processes import start_worker
 
         full = f"{self.prefix}-{name}@test"
         proc = start_worker(dict(self.env, **(env or {})), full, os.path.join(self.log_dir, f"worker-{name}.log"))
@@ -92,7 +92,7 @@ class Stack:
         proc.wait(30)
 
     def stop(self) -> None:
-        from drmerge.devstack import stop_process
+        from drmerge_ops.processes import stop_process
 
         for proc in self.workers.values():
             stop_process(proc, 20)

@@ -1,10 +1,7 @@
-"""``drmerge`` subcommands for the service: launchers (api, worker, dev) and a client
-(submit, status, wait, jobs, cancel, events) for people at a terminal.
+"""The terminal client of the API: ``drmerge submit|status|wait|jobs|cancel|events``,
+for people at a terminal and for scripts (drmerge_client does the HTTP).
 
-Registered by ``drmerge.cli``. Imports stay inside the commands so that ``drmerge merge``
-never pays for FastAPI, Celery or httpx.
-
-Exit codes of client commands: 0 ok; ``wait`` (and ``submit --wait``) 0 succeeded,
+Exit codes (drmerge_ops.exits): 0 ok; ``wait`` (and ``submit --wait``) 0 succeeded,
 1 failed, 2 cancelled; 3 the API could not be reached or refused the request. On any
 failure the last stderr line is ``error: <code>: <message>``.
 """
@@ -15,62 +12,10 @@ import json
 import sys
 import time
 
-EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_API = 0, 1, 2, 3
-_WAIT_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+from .exits import EXIT_API, EXIT_FAILED, EXIT_OK, WAIT_EXIT
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("api", help="run the HTTP API (uvicorn)")
-    p.add_argument("--host", help="listen address (default DRMERGE_API_HOST or 127.0.0.1)")
-    p.add_argument("--port", type=int, help="listen port (default DRMERGE_API_PORT or 8000)")
-    p.add_argument("--workers", type=int, help="uvicorn worker processes (default DRMERGE_API_WORKERS or 1)")
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=cmd_api)
-
-    p = subparsers.add_parser("worker", help="run a Celery merge worker (one merge at a time)")
-    p.add_argument("--hostname", help="worker name (default drmerge@<host>)")
-    p.add_argument("--queue", help="queue to consume (default DRMERGE_QUEUE or drmerge)")
-    p.add_argument("--pool", default="threads", choices=("threads", "solo"),
-                   help="threads (default): the merge runs on a pool thread (one at a time) while the main "
-                        "thread keeps answering the broker, so health-check pings work mid-merge; solo runs it "
-                        "on the main thread, which cannot answer pings while it merges. Forking pools are not "
-                        "offered because CUDA does not survive a fork")
-    p.add_argument("--log-level", default="INFO")
-    p.set_defaults(func=cmd_worker)
-
-    p = subparsers.add_parser("dev", help="start/stop a local stack: Redis, SeaweedFS S3, API, worker")
-    dev = p.add_subparsers(dest="dev_command", required=True)
-    up = dev.add_parser("up", help="start the stack in the background (state in .drmerge-dev/)")
-    up.add_argument("--demo", action="store_true", help="also upload demo checkpoints and run a DRM merge")
-    up.add_argument("--dir", default=".drmerge-dev", help="state directory (default .drmerge-dev)")
-    up.add_argument("--port", type=int, default=8000, help="API port (a free one if taken; default 8000)")
-    up.set_defaults(func=cmd_dev_up)
-    down = dev.add_parser("down", help="stop the stack")
-    down.add_argument("--dir", default=".drmerge-dev")
-    down.add_argument("--purge", action="store_true", help="also delete the state directory (data and logs)")
-    down.set_defaults(func=cmd_dev_down)
-    st = dev.add_parser("status", help="show what runs")
-    st.add_argument("--dir", default=".drmerge-dev")
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(func=cmd_dev_status)
-
-    p = subparsers.add_parser("keys", help="create, list and revoke API keys (admin: talks to Redis directly)")
-    keys = p.add_subparsers(dest="keys_command", required=True)
-    kc = keys.add_parser("create", help="create a key for a tenant; prints the key alone (it is shown only once)")
-    kc.add_argument("--tenant", required=True, help="tenant name: lowercase letters, digits, '.', '_', '-'")
-    kc.add_argument("--allow", action="append", default=[], metavar="S3_URI",
-                    help="S3 location the key may read and write, s3://bucket[/prefix] (repeat; '*' for any). "
-                         "Without any --allow the key can read its tenant's jobs but submit none")
-    kc.add_argument("--allow-read", action="append", default=[], metavar="S3_URI",
-                    help="S3 location the key may read inputs from, but never write (repeat)")
-    kc.set_defaults(func=cmd_keys_create)
-    kl = keys.add_parser("list", help="list keys: id, tenant, allow, created, revoked (never the keys themselves)")
-    kl.add_argument("--json", action="store_true")
-    kl.set_defaults(func=cmd_keys_list)
-    kr = keys.add_parser("revoke", help="revoke a key by id (effective on its next request)")
-    kr.add_argument("id")
-    kr.set_defaults(func=cmd_keys_revoke)
-
     p = subparsers.add_parser("submit", help="submit a merge spec (YAML/JSON) to the API; prints the job id")
     p.add_argument("spec", help="spec file, or - for stdin")
     p.add_argument("--metadata", "-m", action="append", default=[], metavar="KEY=VALUE")
@@ -112,140 +57,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_events)
 
 
-# --- launchers ------------------------------------------------------------------------------
-def cmd_api(args) -> int:
-    import uvicorn
 
-    from service.settings import get_settings
-
-    s = get_settings()
-    # SIGTERM: uvicorn stops accepting, lets in-flight requests finish (up to the timeout),
-    # then runs the app's shutdown (webhook loop, reaper).
-    uvicorn.run("service.app:create_app", factory=True, host=args.host or s.api_host, port=args.port or s.api_port,
-                workers=args.workers or s.api_workers, log_level=args.log_level, proxy_headers=True,
-                timeout_keep_alive=s.api_keep_alive_s, timeout_graceful_shutdown=s.api_shutdown_timeout_s or None)
-    return 0
-
-
-def cmd_worker(args) -> int:
-    from service.settings import get_settings
-    from worker.celery_app import celery_app
-
-    s = get_settings()
-    if s.worker_device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("error: invalid_request: DRMERGE_WORKER_DEVICE=cuda but no CUDA device is visible", file=sys.stderr)
-            return 1
-    argv = ["worker", f"--queues={args.queue or s.queue}", "--concurrency=1", f"--pool={args.pool}",
-            f"--loglevel={args.log_level}", "--without-gossip", "--without-mingle"]
-    if args.hostname:
-        argv.append(f"--hostname={args.hostname}")
-    else:
-        argv.append("--hostname=drmerge@%h")
-    celery_app.worker_main(argv)
-    return 0
-
-
-def cmd_dev_up(args) -> int:
-    from . import devstack
-
-    return devstack.up(args.dir, demo=args.demo, api_port=args.port)
-
-
-def cmd_dev_down(args) -> int:
-    from . import devstack
-
-    return devstack.down(args.dir, purge=args.purge)
-
-
-def cmd_dev_status(args) -> int:
-    from . import devstack
-
-    return devstack.status(args.dir, as_json=args.json)
-
-
-# --- API keys (admin) -----------------------------------------------------------------------
-def _keystore():
-    from service.keys import KeyStore
-    from service.settings import Settings
-
-    return KeyStore.from_settings(Settings())
-
-
-def _keys_command(fn) -> int:
-    """Runs a keys subcommand; configuration and Redis problems become ``error:`` lines."""
-    import redis
-    from pydantic import ValidationError
-
-    from service.allowlist import AllowListError
-    from service.keys import KeyStoreError
-
-    try:
-        return fn()
-    except (KeyStoreError, AllowListError) as e:
-        print(f"error: invalid_request: {e}", file=sys.stderr)
-    except ValidationError as e:
-        print(f"error: invalid_request: bad DRMERGE_* setting: {e.errors()[0].get('loc')}: "
-              f"{e.errors()[0].get('msg')}", file=sys.stderr)
-    except redis.RedisError as e:
-        print(f"error: unavailable: cannot reach Redis (DRMERGE_REDIS_URL): {e}", file=sys.stderr)
-    return EXIT_FAILED
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def cmd_keys_create(args) -> int:
-    def run() -> int:
-        key, rec = _keystore().create(args.tenant, allow=args.allow, allow_read=args.allow_read)
-        if not rec.allow:
-            print(f"note: {rec.id} has no --allow: it can read tenant {rec.tenant!r}'s jobs but submit none",
-                  file=sys.stderr)
-        print(f"created {rec.id} for tenant {rec.tenant!r}; the key is shown only this once:", file=sys.stderr)
-        print(key)
-        return EXIT_OK
-
-    return _keys_command(run)
-
-
-def cmd_keys_list(args) -> int:
-    def run() -> int:
-        keys = _keystore().list()
-        if args.json:
-            print(json.dumps([k.public() for k in keys], indent=2))
-            return EXIT_OK
-        if not keys:
-            print("no keys")
-            return EXIT_OK
-        print(f"{'ID':<20}  {'TENANT':<16}  {'CREATED':<20}  {'REVOKED':<20}  ALLOW")
-        for k in keys:
-            allow = ", ".join(list(k.allow) + [f"{a} (read)" for a in k.allow_read]) or "-"
-            print(f"{k.id:<20}  {k.tenant:<16}  {_when(k.created_at):<20}  {_when(k.revoked_at):<20}  {allow}")
-        return EXIT_OK
-
-    return _keys_command(run)
-
-
-def cmd_keys_revoke(args) -> int:
-    def run() -> int:
-        rec = _keystore().revoke(args.id)
-        if rec is None:
-            print(f"error: not_found: no API key {args.id!r} (see `drmerge keys list`)", file=sys.stderr)
-            return EXIT_FAILED
-        print(f"{rec.id} revoked (tenant {rec.tenant!r})")
-        return EXIT_OK
-
-    return _keys_command(run)
-
-
-# --- client ---------------------------------------------------------------------------------
 def _client():
-    from .client import Client
+    from drmerge_client import Client
 
     return Client()
 
@@ -256,7 +70,7 @@ def _api_error(e) -> int:
 
 
 def _run_client(fn) -> int:
-    from .client import ApiError
+    from drmerge_client import ApiError
 
     try:
         return fn()
@@ -265,8 +79,8 @@ def _run_client(fn) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .errors import MergeError
-    from .spec import parse_spec_text
+    from drmerge.errors import MergeError
+    from drmerge.spec import parse_spec_text
 
     try:
         text = sys.stdin.read() if args.spec == "-" else open(args.spec, encoding="utf-8").read()
@@ -354,8 +168,9 @@ def cmd_status(args) -> int:
     return _run_client(run)
 
 
-class _Bar:
-    """A live one-line progress bar on stderr (plain lines when not a terminal)."""
+class ProgressLine:
+    """A job's live one-line progress bar on stderr (plain lines when not a terminal);
+    the ``on_update`` of ``Client.wait``."""
 
     def __init__(self, stream=sys.stderr, width: int = 30):
         self.stream, self.width, self.tty = stream, width, stream.isatty()
@@ -385,7 +200,7 @@ class _Bar:
 
 
 def _wait(c, job_id: str, timeout: float | None, interval: float, as_json: bool) -> int:
-    job = c.wait(job_id, poll_s=interval, timeout=timeout, on_update=None if as_json else _Bar())
+    job = c.wait(job_id, poll_s=interval, timeout=timeout, on_update=None if as_json else ProgressLine())
     if as_json:
         print(json.dumps(job, indent=2))
     else:
@@ -393,7 +208,7 @@ def _wait(c, job_id: str, timeout: float | None, interval: float, as_json: bool)
     if job["status"] != "succeeded":
         e = job.get("error") or {"code": "cancelled", "message": "the merge was cancelled"}
         print(f"error: {e.get('code')}: {e.get('message')}", file=sys.stderr)
-    return _WAIT_EXIT[job["status"]]
+    return WAIT_EXIT[job["status"]]
 
 
 def cmd_wait(args) -> int:
@@ -448,3 +263,4 @@ def cmd_events(args) -> int:
         return EXIT_OK
 
     return _run_client(run)
+
