@@ -12,6 +12,8 @@ import json
 import sys
 import time
 
+from service.jobs.status import OWNED, STATUSES, TERMINAL, JobStatus
+
 from .exits import EXIT_API, EXIT_FAILED, EXIT_OK, WAIT_EXIT
 
 
@@ -40,7 +42,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_wait)
 
     p = subparsers.add_parser("jobs", help="list recent merge jobs, newest first")
-    p.add_argument("--status", choices=("queued", "running", "cancelling", "succeeded", "failed", "cancelled"))
+    p.add_argument("--status", choices=[str(s) for s in STATUSES])
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--after", help="cursor: list jobs older than this id")
     p.add_argument("--json", action="store_true")
@@ -136,7 +138,7 @@ def describe(job: dict) -> str:
         lines.append(f"  finished {job['finished_at']}")
     spec = job.get("spec") or {}
     lines.append(f"  method   {spec.get('method')}  models {len(spec.get('models') or [])}  output {spec.get('output')}")
-    if job["status"] in ("running", "cancelling") or p.get("tensors_total"):
+    if job["status"] in OWNED or p.get("tensors_total"):
         eta = p.get("eta_seconds")
         lines.append(f"  progress {p.get('stage') or '-'}  {p.get('tensors_done', 0)}/{p.get('tensors_total', 0)} tensors"
                      f"  {100 * (p.get('fraction') or 0):.0f}%  read {_fmt_bytes(p.get('bytes_read'))}"
@@ -189,9 +191,9 @@ class ProgressLine:
         now = time.monotonic()
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in TERMINAL:
                 self.stream.write("\n")
-        elif line != self.last_line and (now - self.last_print >= 5 or job["status"] in ("succeeded", "failed", "cancelled")
+        elif line != self.last_line and (now - self.last_print >= 5 or job["status"] in TERMINAL
                                          or self.last_line is None):
             self.stream.write(line + "\n")
             self.last_print = now
@@ -205,7 +207,7 @@ def _wait(c, job_id: str, timeout: float | None, interval: float, as_json: bool)
         print(json.dumps(job, indent=2))
     else:
         print(describe(job))
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         e = job.get("error") or {"code": "cancelled", "message": "the merge was cancelled"}
         print(f"error: {e.get('code')}: {e.get('message')}", file=sys.stderr)
     return WAIT_EXIT[job["status"]]

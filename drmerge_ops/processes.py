@@ -147,15 +147,14 @@ def start_api(env: dict, port: int, log_path: str, host: str = "127.0.0.1", time
 def start_worker(env: dict, name: str, log_path: str, timeout: float = 90.0) -> subprocess.Popen:
     """``drmerge worker`` (``python -m drmerge_ops worker``) in the background; returns
     once its heartbeat is in Redis."""
-    import redis
+    from service.jobs.store import JobStore
 
     argv = [sys.executable, "-m", "drmerge_ops", "worker", "--hostname", name, "--log-level", "INFO"]
     proc = _spawn(argv, env, log_path)
-    prefix = env.get("DRMERGE_KEY_PREFIX", "drmerge")
-    r = redis.Redis.from_url(env["DRMERGE_REDIS_URL"], decode_responses=True)
+    store = JobStore.from_url(env["DRMERGE_REDIS_URL"], prefix=env.get("DRMERGE_KEY_PREFIX", "drmerge"))
     deadline = time.monotonic() + timeout
     try:
-        while r.zscore(f"{prefix}:workers", name) is None:
+        while not store.workers.known(name):
             if proc.poll() is not None:
                 raise StackError(f"worker exited with {proc.returncode} before its first heartbeat\n{log_tail(log_path)}")
             if time.monotonic() > deadline:
@@ -165,5 +164,5 @@ def start_worker(env: dict, name: str, log_path: str, timeout: float = 90.0) -> 
         stop_process(proc, 5)
         raise
     finally:
-        r.close()
+        store.r.close()
     return proc

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from . import problems
 from .auth import AuthMiddleware
 from .jobs.queue import make_celery, sender
-from .jobstore import JobStore
+from .jobs.store import JobStore
 from .keys import AsyncKeyLookup
 from .limits import BodyLimitMiddleware
 from .metrics import RedisCollector

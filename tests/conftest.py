@@ -78,7 +78,7 @@ class ServiceStack:
     api_url: str
     env: dict
     settings: object  # service.settings.Settings of the processes
-    store: object  # service.jobstore.JobStore on the same Redis/prefix, for inspection
+    store: object  # service.jobs.store.JobStore on the same Redis/prefix, for inspection
     http: object  # httpx.Client with base_url=api_url, authenticated with api_key
     log_dir: str
     worker_name: str | None = None
@@ -118,7 +118,9 @@ class ServiceStack:
             time.sleep(interval)
 
     def wait(self, job_id: str, timeout: float = 60.0) -> dict:
-        return self.wait_for(job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout)
+        from service.jobs.status import TERMINAL
+
+        return self.wait_for(job_id, lambda j: j["status"] in TERMINAL, timeout)
 
     def log_tail(self, n: int = 4000) -> str:
         path = os.path.join(self.log_dir, "worker.log")
@@ -131,7 +133,7 @@ class ServiceStack:
 @pytest.fixture
 def store(redis_server):
     """A JobStore on the session's Redis under a fresh key prefix, emptied afterwards."""
-    from service.jobstore import JobStore
+    from service.jobs.store import JobStore
 
     s = JobStore.from_url(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}")
     yield s
@@ -151,7 +153,7 @@ def _make_stack(redis_server, s3_server, log_dir, *, with_worker: bool, **overri
     import httpx
 
     from drmerge_ops.processes import service_env, start_api, start_worker
-    from service.jobstore import JobStore
+    from service.jobs.store import JobStore
     from service.settings import Settings
 
     from service.keys import KeyStore

@@ -13,10 +13,9 @@ import subprocess
 import time
 import uuid
 
+from service.jobs.status import TERMINAL
 from tests.conftest import SERVICE_TEST_SETTINGS, list_keys
 from tests.servers import FaultyS3Proxy, free_port
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 # Fast failure detection: a job whose worker is gone is re-queued ~3 s later.
 FAST_RECOVERY = dict(worker_heartbeat_s=0.3, worker_heartbeat_ttl_s=2.0, job_heartbeat_timeout_s=3.0,
@@ -40,7 +39,7 @@ class Stack:
         import httpx
 
         from drmerge_ops.processes import service_env
-        from service.jobstore import JobStore
+        from service.jobs.store import JobStore
         from service.settings import Settings
 
         self.prefix = f"r{uuid.uuid4().hex[:10]}"

@@ -21,7 +21,7 @@ import time
 from celery import signals
 
 from service.jobs.queue import MERGE_TASK, enqueue
-from service.jobstore import JobStore
+from service.jobs.store import JobStore
 from service.reaper import Reaper
 from service.settings import get_settings
 from service.webhooks import WebhookDeliverer
@@ -82,7 +82,7 @@ def _heartbeat_loop() -> None:
     while not _state["stop"].is_set():
         runner = _state["runner"]
         try:
-            _store().heartbeat(_state["name"], {"pid": os.getpid(), "host": socket.gethostname(),
+            _store().workers.heartbeat(_state["name"], {"pid": os.getpid(), "host": socket.gethostname(),
                                                 "device": runner.device if runner else None,
                                                 "started_at": started, "queue": s.queue,
                                                 "current_job": runner.current_job if runner else None},
@@ -131,6 +131,6 @@ def _on_shutdown(**_):
             _state[key].stop()
     if _state["name"]:
         try:
-            _store().remove_worker(_state["name"])
+            _store().workers.remove(_state["name"])
         except Exception:
             pass

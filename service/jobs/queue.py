@@ -78,6 +78,22 @@ def enqueue(celery: Celery, job_id: str, *, queue: str) -> None:
     celery.send_task(MERGE_TASK, args=[job_id], queue=queue, task_id=job_id)
 
 
+def send_once(store, send: Callable[[str, str], None], job_id: str, queue: str) -> bool:
+    """(Re)send the message of a queued job to ``queue`` (its own) when its message is
+    not known to be sent, unless another process claimed that send first (the job store's
+    ``claim_enqueue``): the reaper's re-queues and unsent jobs, and a worker's hand-back.
+    Returns whether this call sent it. If ``send`` fails, the job is marked unsent again,
+    so the next reaper sweep retries, and the error propagates for the caller to report."""
+    if not store.claim_enqueue(job_id):
+        return False
+    try:
+        send(job_id, queue)
+    except Exception:
+        store.mark_unsent(job_id)
+        raise
+    return True
+
+
 def sender(celery: Celery) -> Callable[[str, str], None]:
     """``enqueue`` bound to one Celery app: the ``(job_id, queue) -> None`` callable the
     reaper and the runner are given."""
