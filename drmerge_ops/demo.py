@@ -102,6 +102,7 @@ def _s3_client(state: dict):
 
 def run_demo(state: dict, out=sys.stdout) -> int:
     from drmerge_client import ApiError, Client
+    from service.jobs.status import JobStatus
 
     from .client_commands import ProgressLine, describe
 
@@ -143,7 +144,7 @@ def run_demo(state: dict, out=sys.stdout) -> int:
         print(f"error: {e.code}: {e.detail}", file=sys.stderr)
         return 3
     print(describe(job), file=out)
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         e = job.get("error") or {}
         print(f"error: {e.get('code', 'cancelled')}: {e.get('message', '')}", file=sys.stderr)
         return 1
