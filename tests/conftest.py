@@ -63,6 +63,7 @@ import time  # noqa: E402
 import uuid  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
+from service.jobs.status import TERMINAL  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
 # Short intervals so tests see progress, heartbeats and webhook retries in well under a second.
@@ -118,8 +119,6 @@ class ServiceStack:
             time.sleep(interval)
 
     def wait(self, job_id: str, timeout: float = 60.0) -> dict:
-        from service.jobs.status import TERMINAL
-
         return self.wait_for(job_id, lambda j: j["status"] in TERMINAL, timeout)
 
     def log_tail(self, n: int = 4000) -> str:
