@@ -286,3 +286,17 @@ def test_heartbeats_count_live_workers(store):
     assert store.workers.live(5) == ["w1"]
     store.workers.remove("w1")
     assert store.workers.live(5) == []
+
+
+def test_an_active_output_inside_with_a_non_ascii_name_is_found(store):
+    """The lookup of outputs inside a new one ends its range at byte 255, which no UTF-8
+    text holds: a child whose name has characters past U+00AD ('é', CJK) is inside too.
+    (When the script lived in a Python string, '\\255' there became U+00AD, and these
+    children sorted after the end of the range.)"""
+    root = f"s3://bkt/{uuid.uuid4().hex}/"
+    for child in ("é/", "日本/", "\u00ae/"):
+        a = new(store, output=root + child)
+        with pytest.raises(OutputBusy) as e:
+            new(store, output=root)
+        assert (e.value.job_id, e.value.held) == (a.id, root + child)
+        store.transition(a.id, "cancelled")
