@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
 
-    from drmerge.devservers import free_port, start_redis, start_seaweedfs
-    from drmerge.devstack import service_env, start_api, stop_process
+    from drmerge_ops.devservers import free_port, start_redis, start_seaweedfs
+    from drmerge_ops.processes import service_env, start_api, stop_process
     from service.keys import KeyStore
     from service.settings import Settings
 

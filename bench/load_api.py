@@ -118,8 +118,8 @@ def main(argv=None) -> int:
 
     import httpx
 
-    from drmerge.devservers import free_port, start_redis
-    from drmerge.devstack import service_env, start_api, stop_process
+    from drmerge_ops.devservers import free_port, start_redis
+    from drmerge_ops.processes import service_env, start_api, stop_process
     from service.keys import KeyStore
     from service.settings import Settings
 

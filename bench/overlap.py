@@ -8,7 +8,7 @@ For one workload and method it measures, in one process and one run:
   - compute alone: every tensor is read first (untimed), then merged (timed);
   - end to end: the real merge.
 Target (issue #4): end to end <= 1.25 x max(I/O alone, compute alone).
-W3 is W1 uploaded to a local SeaweedFS server (drmerge.devservers) and merged from and
+W3 is W1 uploaded to a local SeaweedFS server (drmerge_ops.devservers) and merged from and
 to s3:// URIs.
 """
 
@@ -117,7 +117,7 @@ def main(args) -> None:
 
 def main_w3(args) -> None:
     """W3: W1 through a local S3 server (SeaweedFS)."""
-    from drmerge.devservers import start_seaweedfs
+    from drmerge_ops.devservers import start_seaweedfs
 
     from .run import save
 

@@ -1,4 +1,7 @@
-"""``drmerge`` command line: engine commands here, service/client commands in cli_service.
+"""The engine's commands: ``drmerge merge`` and ``drmerge validate`` (also ``python -m drmerge``).
+
+The ``drmerge`` console script is ``drmerge_ops.cli``, which adds the service, dev-stack,
+key-admin and client commands to these two; the engine itself knows nothing of them.
 
 Scripts rely on this contract: exit 0 on success; on failure a non-zero exit and a last
 stderr line ``error: <code>: <message>``; with ``--json`` one JSON object on stdout
@@ -97,13 +100,8 @@ def _size(n: int) -> str:
     return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog="drmerge", description="Merge fine-tuned models with DRM.")
-    parser.add_argument("--version", action="version", version=f"drmerge {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub) -> None:
+    """Add the engine's subcommands to an argparse ``add_subparsers`` object."""
     p = sub.add_parser("merge", help="run a merge described by a YAML or JSON spec")
     p.add_argument("spec")
     p.add_argument("--overwrite", action="store_true", help="replace an existing merge at the output")
@@ -117,17 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_validate)
 
-    try:
-        from . import cli_service
-    except ImportError:  # service extras not installed: engine commands only
-        cli_service = None
-    if cli_service is not None:
-        cli_service.register(sub)
+
+def new_parser(description: str) -> tuple[argparse.ArgumentParser, object]:
+    """The ``drmerge`` parser with ``--version`` and an empty set of subcommands."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="drmerge", description=description)
+    parser.add_argument("--version", action="version", version=f"drmerge {__version__}")
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser, sub = new_parser("Merge fine-tuned models with DRM: the engine's commands. The service, dev-stack, "
+                             "key and client commands are in the `drmerge` console script "
+                             "(python -m drmerge_ops).")
+    register(sub)
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parse ``argv`` and run the chosen command under the exit-code contract above."""
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -135,6 +142,10 @@ def main(argv=None) -> int:
         return _fail(args, e.code, e.message, e.param)
     except KeyboardInterrupt:
         return _fail(args, "cancelled", "interrupted")
+
+
+def main(argv=None) -> int:
+    return run(build_parser(), argv)
 
 
 def _fail(args, code: str, message: str, param=None) -> int:

@@ -34,7 +34,7 @@ from botocore.config import Config
 
 from . import locations
 from .errors import MergeError
-from .storage import ObjectWriter, Storage
+from .storage_base import ObjectWriter, Storage
 
 log = logging.getLogger(__name__)
 

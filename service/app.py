@@ -1,7 +1,8 @@
 """The FastAPI application: ``uvicorn service.app:app`` or ``drmerge api``.
 
-``create_app`` wires one app to one Redis (job store), one Celery client (to enqueue by
-task name: no torch here) and one metrics registry; a webhook delivery loop and the
+``create_app`` wires one app to one Redis (job store), one Celery client (service.jobs.queue:
+it enqueues by task name, so neither torch nor the worker is imported here) and one
+metrics registry; a webhook delivery loop and the
 reaper (service/reaper.py: jobs whose worker vanished) run in the background unless
 disabled.
 """
@@ -17,7 +18,8 @@ from prometheus_client import CollectorRegistry
 
 from . import problems
 from .auth import AuthMiddleware
-from .jobstore import JobStore
+from .jobs.queue import make_celery, sender
+from .jobs.store import JobStore
 from .keys import AsyncKeyLookup
 from .limits import BodyLimitMiddleware
 from .metrics import RedisCollector
@@ -48,8 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         deliverer = None
         if settings.api_deliver_webhooks:
             deliverer = WebhookDeliverer(store, settings).start()
-        reaper = Reaper(store, settings, lambda job_id, queue: app.state.celery.send_task(
-            merges.MERGE_TASK, args=[job_id], queue=queue)).start()
+        reaper = Reaper(store, settings, sender(app.state.celery)).start()
         try:
             yield
         finally:
@@ -61,8 +62,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="drmerge", version=_version(), description=DESCRIPTION, lifespan=lifespan,
                   docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json")
-    from worker.celery_app import make_celery  # torch-free: tasks are sent by name
-
     app.state.settings = settings
     app.state.store = store
     app.state.celery = make_celery(settings)

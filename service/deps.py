@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from .jobstore import JobStore
+from .jobs.store import JobStore
 from .settings import Settings
 
 

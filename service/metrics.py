@@ -19,7 +19,8 @@ import logging
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .jobstore import DURATION_BUCKETS, STATUSES, TERMINAL, JobStore
+from .jobs.status import STATUSES, TERMINAL
+from .jobs.store import DURATION_BUCKETS, JobStore
 
 log = logging.getLogger("drmerge.metrics")
 
@@ -45,7 +46,7 @@ class RedisCollector:
         try:
             counts = self.store.counts()
             stats = self.store.stats()
-            live = len(self.store.live_workers(self.ttl))
+            live = len(self.store.workers.live(self.ttl))
             depth = broker_queue_depth(self.broker, self.queue)
         except redis.RedisError as e:
             log.warning("metrics: Redis unavailable: %s", e)

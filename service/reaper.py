@@ -9,7 +9,7 @@ Instead the owning attempt stamps ``heartbeat_at`` in the job record every
 
 - ``running``: back to ``queued`` with a fresh message (the next attempt resumes from the
   shards already committed), or, once the job has lost ``job_max_attempts`` workers,
-  ``failed`` with ``internal_error`` (jobstore.lost_workers_error says why that code);
+  ``failed`` with ``internal_error`` (service.jobs.model.lost_workers_error says why that code);
 - ``cancelling``: ``cancelled`` (nobody is left to stop);
 - a job that ends here is marked ``cleanup: pending`` and a message is sent anyway: the
   worker that receives it removes the partial output (the API has no S3 credentials);
@@ -47,7 +47,11 @@ import socket
 import threading
 import time
 
-from .jobstore import IllegalTransition, JobStore, StaleAttempt, StillAlive, lost_workers_error
+from .jobs.errors import IllegalTransition, StaleAttempt, StillAlive
+from .jobs.model import lost_workers_error
+from .jobs.queue import send_once
+from .jobs.status import OWNED, JobStatus
+from .jobs.store import JobStore
 
 log = logging.getLogger("drmerge.reaper")
 
@@ -58,21 +62,14 @@ class Reaper:
         self.settings = settings
         self.enqueue = enqueue  # (job_id, queue) -> None: publish a merge message to that queue
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
-        self.lease_key = f"{store.p}:reaper"
+        self.lease_key = store.keys.reaper_lease
         self._connected_since: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- one sweep ---------------------------------------------------------------------
     def _hold_lease(self) -> bool:
-        ttl_ms = int(max(1.0, self.settings.reaper_interval_s * 3) * 1000)
-        r = self.store.r
-        if r.set(self.lease_key, self.name, nx=True, px=ttl_ms):
-            return True
-        if r.get(self.lease_key) == self.name:
-            r.pexpire(self.lease_key, ttl_ms)
-            return True
-        return False
+        return self.store.hold_reaper_lease(self.name, max(1.0, self.settings.reaper_interval_s * 3))
 
     def sweep(self, force: bool = False) -> dict:
         """Look once; returns what was done: {"requeued", "failed", "cancelled", "sent",
@@ -101,26 +98,16 @@ class Reaper:
     def _reap_stale(self, done: dict) -> None:
         s = self.settings
         limit = s.job_heartbeat_timeout_s
-        ids = self.store.active_job_ids()
-        if not ids:
-            return
-        now = self.store.server_time()
-        pipe = self.store.r.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(self.store.k_job(job_id), "heartbeat_at", "updated_at")
-        for job_id, (hb, updated) in zip(ids, pipe.execute()):
-            last = float(hb or updated or 0)
-            if now - last < limit:
-                continue
+        for job_id, quiet_s in self.store.stale_owned(limit):
             job = self.store.get(job_id)
-            if job is None or job.status not in ("running", "cancelling"):
+            if job is None or job.status not in OWNED:
                 continue
-            quiet = round(now - last)
+            quiet = round(quiet_s)
             who = f"worker {job.worker}" if job.worker else "its worker"
             try:
-                if job.status == "cancelling":
-                    self.store.transition(job_id, "cancelled", from_={"cancelling"}, attempt=job.attempts,
-                                          stale_after=limit, fields={"cleanup": "pending"},
+                if job.status == JobStatus.CANCELLING:
+                    self.store.transition(job_id, JobStatus.CANCELLED, from_={JobStatus.CANCELLING},
+                                          attempt=job.attempts, stale_after=limit, fields={"cleanup": "pending"},
                                           cleanup_due=time.time() + s.cleanup_backoff_base_s,
                                           message=f"cancelled: {who} vanished (no heartbeat for {quiet}s) "
                                                   "before it stopped")
@@ -128,7 +115,7 @@ class Reaper:
                     self._send_cleanup(job_id, job.queue)
                 elif job.lost >= s.job_max_attempts:
                     self.store.transition(
-                        job_id, "failed", from_={"running"}, attempt=job.attempts, stale_after=limit,
+                        job_id, JobStatus.FAILED, from_={JobStatus.RUNNING}, attempt=job.attempts, stale_after=limit,
                         cleanup_due=time.time() + s.cleanup_backoff_base_s,
                         fields={"cleanup": "pending",
                                 "error": lost_workers_error(job.lost, s.job_max_attempts,
@@ -138,7 +125,7 @@ class Reaper:
                     self._send_cleanup(job_id, job.queue)
                 else:
                     self.store.transition(
-                        job_id, "queued", from_={"running"}, attempt=job.attempts, stale_after=limit,
+                        job_id, JobStatus.QUEUED, from_={JobStatus.RUNNING}, attempt=job.attempts, stale_after=limit,
                         fields={"worker": "", "enqueued_at": ""},
                         message=f"{who} vanished (no heartbeat for {quiet}s); re-queued "
                                 f"(lost {job.lost} of at most {s.job_max_attempts} workers)")
@@ -151,16 +138,7 @@ class Reaper:
     def _send_unsent(self, done: dict) -> None:
         """Queued jobs whose message was never published (an API crash between storing
         the job and sending it, or a failed re-send)."""
-        ids = self.store.r.zrange(self.store.k_index("queued"), 0, -1)
-        if not ids:
-            return
-        pipe = self.store.r.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hmget(self.store.k_job(job_id), "enqueued_at", "updated_at", "queue")
-        cutoff = time.time() - self.settings.job_heartbeat_timeout_s
-        for job_id, (enqueued, updated, queue) in zip(ids, pipe.execute()):
-            if enqueued or float(updated or 0) > cutoff:
-                continue
+        for job_id, queue in self.store.unsent_queued(self.settings.job_heartbeat_timeout_s):
             if self._send(job_id, queue):
                 self.store.add_event(job_id, "status", "its queue message was never sent; sent it now")
                 done["sent"].append(job_id)
@@ -191,15 +169,11 @@ class Reaper:
         return queue or self.settings.queue  # a record older than the queue field
 
     def _send(self, job_id: str, queue: str | None) -> bool:
-        if not self.store.claim_enqueue(job_id):
-            return False
         try:
-            self.enqueue(job_id, self._queue(queue))
-        except Exception as e:
-            self.store.r.hset(self.store.k_job(job_id), "enqueued_at", "")  # the next sweep retries
+            return send_once(self.store, self.enqueue, job_id, self._queue(queue))
+        except Exception as e:  # marked unsent: the next sweep retries
             log.warning("reaper: cannot queue job %s: %s", job_id, e)
             return False
-        return True
 
     def _send_cleanup(self, job_id: str, queue: str | None) -> None:
         """A message for an ended job: the worker receiving it removes the partial output."""
@@ -224,7 +198,6 @@ class Reaper:
         if self._thread is not None:
             self._thread.join(timeout=10)
         try:
-            if self.store.r.get(self.lease_key) == self.name:
-                self.store.r.delete(self.lease_key)
+            self.store.release_reaper_lease(self.name)
         except Exception:
             pass

@@ -10,7 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+from .jobs.status import STATUSES
+
+# The job statuses as an inline string enum in the OpenAPI document (service.jobs.status).
+Status = Literal[tuple(s.value for s in STATUSES)]
 
 
 def _spec_schema() -> dict:

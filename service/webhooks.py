@@ -2,7 +2,7 @@
 
 Why a Redis delivery queue and not a Celery task: a GPU worker runs one merge at a time
 for hours, so a webhook task queued behind it would wait hours. Instead the job store
-puts the job id in ``{p}:webhooks:due`` in the same Lua script that makes the job
+puts the job id in the webhook due queue (service.jobs.webhook_queue) in the same Lua script that makes the job
 terminal (so no terminal job is ever missed), and a small delivery loop in every API
 process and every worker claims due ids with a lease (a crashed deliverer's claim
 expires and someone else retries). Delivery is at least once; receivers dedupe on the
@@ -27,7 +27,8 @@ import time
 
 import httpx
 
-from .jobstore import JobStore, iso
+from .jobs.model import iso
+from .jobs.store import JobStore
 from .netguard import Policy, WebhookURLError, check_webhook_url
 
 log = logging.getLogger("drmerge.webhooks")
@@ -98,7 +99,7 @@ class WebhookDeliverer:
         lease = self.settings.webhook_timeout_s * 2 + 5
         n = 0
         while n < max_items:
-            job_id = self.store.claim_due_webhook(lease)
+            job_id = self.store.webhooks.claim_due(lease)
             if job_id is None:
                 break
             n += 1
@@ -111,7 +112,7 @@ class WebhookDeliverer:
     def _deliver(self, job_id: str) -> None:
         job = self.store.get(job_id)
         if job is None or not job.webhook or not job.terminal:
-            self.store.schedule_webhook(job_id, (job.webhook_state if job else None) or {}, None)
+            self.store.webhooks.schedule(job_id, (job.webhook_state if job else None) or {}, None)
             return
         state = dict(job.webhook_state or {})
         attempt = int(state.get("attempts", 0)) + 1
@@ -147,19 +148,19 @@ class WebhookDeliverer:
         state.update(attempts=attempt, last_attempt_at=now, last_error=error)
         if error is None:
             state.update(status="delivered", delivered_at=time.time(), next_attempt_at=None)
-            self.store.schedule_webhook(job.id, state, None)
+            self.store.webhooks.schedule(job.id, state, None)
             self.store.add_event(job.id, "webhook", f"webhook delivered (attempt {attempt})", attempt=attempt)
             return
         if gone or attempt >= self.settings.webhook_max_attempts:
             state.update(status="failed", next_attempt_at=None)
-            self.store.schedule_webhook(job.id, state, None)
+            self.store.webhooks.schedule(job.id, state, None)
             self.store.add_event(job.id, "warning", f"webhook delivery gave up after attempt {attempt}: {error}",
                                  attempt=attempt)
             return
         due = time.time() + backoff_delay(attempt, self.settings.webhook_backoff_base_s,
                                           self.settings.webhook_backoff_max_s)
         state.update(status="retrying", next_attempt_at=due)
-        self.store.schedule_webhook(job.id, state, due)
+        self.store.webhooks.schedule(job.id, state, due)
         self.store.add_event(job.id, "warning", f"webhook attempt {attempt} failed ({error}); "
                              f"retrying in {due - time.time():.1f}s", attempt=attempt)
 

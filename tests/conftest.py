@@ -63,6 +63,7 @@ import time  # noqa: E402
 import uuid  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
+from service.jobs.status import TERMINAL  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
 # Short intervals so tests see progress, heartbeats and webhook retries in well under a second.
@@ -78,7 +79,7 @@ class ServiceStack:
     api_url: str
     env: dict
     settings: object  # service.settings.Settings of the processes
-    store: object  # service.jobstore.JobStore on the same Redis/prefix, for inspection
+    store: object  # service.jobs.store.JobStore on the same Redis/prefix, for inspection
     http: object  # httpx.Client with base_url=api_url, authenticated with api_key
     log_dir: str
     worker_name: str | None = None
@@ -118,7 +119,7 @@ class ServiceStack:
             time.sleep(interval)
 
     def wait(self, job_id: str, timeout: float = 60.0) -> dict:
-        return self.wait_for(job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout)
+        return self.wait_for(job_id, lambda j: j["status"] in TERMINAL, timeout)
 
     def log_tail(self, n: int = 4000) -> str:
         path = os.path.join(self.log_dir, "worker.log")
@@ -131,7 +132,7 @@ class ServiceStack:
 @pytest.fixture
 def store(redis_server):
     """A JobStore on the session's Redis under a fresh key prefix, emptied afterwards."""
-    from service.jobstore import JobStore
+    from service.jobs.store import JobStore
 
     s = JobStore.from_url(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}")
     yield s
@@ -150,8 +151,8 @@ def aws_env(monkeypatch, s3_server):
 def _make_stack(redis_server, s3_server, log_dir, *, with_worker: bool, **overrides):
     import httpx
 
-    from drmerge.devstack import service_env, start_api, start_worker
-    from service.jobstore import JobStore
+    from drmerge_ops.processes import service_env, start_api, start_worker
+    from service.jobs.store import JobStore
     from service.settings import Settings
 
     from service.keys import KeyStore
@@ -184,7 +185,7 @@ def _make_stack(redis_server, s3_server, log_dir, *, with_worker: bool, **overri
 
 
 def _stop_all(procs) -> None:
-    from drmerge.devstack import stop_process
+    from drmerge_ops.processes import stop_process
 
     for p in reversed(procs):
         stop_process(p, 20)

@@ -13,10 +13,9 @@ import subprocess
 import time
 import uuid
 
+from service.jobs.status import TERMINAL
 from tests.conftest import SERVICE_TEST_SETTINGS, list_keys
 from tests.servers import FaultyS3Proxy, free_port
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 # Fast failure detection: a job whose worker is gone is re-queued ~3 s later.
 FAST_RECOVERY = dict(worker_heartbeat_s=0.3, worker_heartbeat_ttl_s=2.0, job_heartbeat_timeout_s=3.0,
@@ -39,8 +38,8 @@ class Stack:
                  api: bool = True, **overrides):
         import httpx
 
-        from drmerge.devstack import service_env
-        from service.jobstore import JobStore
+        from drmerge_ops.processes import service_env
+        from service.jobs.store import JobStore
         from service.settings import Settings
 
         self.prefix = f"r{uuid.uuid4().hex[:10]}"
@@ -69,13 +68,13 @@ class Stack:
 
     # -- processes --------------------------------------------------------------------------
     def start_api(self) -> subprocess.Popen:
-        from drmerge.devstack import start_api
+        from drmerge_ops.processes import start_api
 
         self.api_proc = start_api(self.env, self.port, os.path.join(self.log_dir, "api.log"))
         return self.api_proc
 
     def start_worker(self, name: str, env: dict | None = None) -> subprocess.Popen:
-        from drmerge.devstack import start_worker
+        from drmerge_ops.processes import start_worker
 
         full = f"{self.prefix}-{name}@test"
         proc = start_worker(dict(self.env, **(env or {})), full, os.path.join(self.log_dir, f"worker-{name}.log"))
@@ -92,7 +91,7 @@ class Stack:
         proc.wait(30)
 
     def stop(self) -> None:
-        from drmerge.devstack import stop_process
+        from drmerge_ops.processes import stop_process
 
         for proc in self.workers.values():
             stop_process(proc, 20)

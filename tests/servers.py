@@ -1,6 +1,6 @@
 """Real servers for tests, and a TCP proxy that breaks connections on purpose.
 
-The launch logic lives in ``drmerge.devservers`` (``drmerge dev up`` uses it too); this
+The launch logic lives in ``drmerge_ops.devservers`` (``drmerge dev up`` uses it too); this
 module re-exports it for tests and adds what only tests need: ``DroppingProxy`` sits
 between a client and a real server and cuts connections mid-response, which is how a
 flaky network looks to the client and the one failure a stopped server cannot produce;
@@ -16,7 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-from drmerge.devservers import (
+from drmerge_ops.devservers import (
     DEV_ACCESS_KEY_ID,
     DEV_REGION,
     DEV_SECRET_ACCESS_KEY,

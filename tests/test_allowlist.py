@@ -94,7 +94,7 @@ def spec(base="s3://bkt-a/team/base/", models=("s3://bkt-a/team/ft-1/", "s3://bk
 
 
 def jobs_in_store(stack, name):
-    return stack.store.r.zcard(stack.store.k_tenant(name))
+    return stack.store.r.zcard(stack.store.keys.tenant(name))
 
 
 @pytest.mark.parametrize("changes, param", [

@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from drmerge.devservers import free_port
+from drmerge_ops.devservers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow

@@ -189,7 +189,7 @@ def drmerge_keys(stack, *args, pepper: str | None = ...):
         pepper = stack.settings.api_key_pepper.get_secret_value()
     if pepper is not None:
         env["DRMERGE_API_KEY_PEPPER"] = pepper
-    return subprocess.run([sys.executable, "-m", "drmerge", "keys", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "drmerge_ops", "keys", *args], env=env, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -235,7 +235,7 @@ def test_keys_cli_errors(idle_stack, args, pepper, message):
 
 
 def test_auth_disabled_serves_one_default_tenant(redis_server, s3_server, tmp_path):
-    from drmerge.devstack import service_env, start_api, stop_process
+    from drmerge_ops.processes import service_env, start_api, stop_process
     from tests.servers import free_port
 
     port = free_port()
@@ -254,7 +254,7 @@ def test_auth_disabled_serves_one_default_tenant(redis_server, s3_server, tmp_pa
 
 
 def test_api_without_a_pepper_refuses_to_start(redis_server, s3_server, tmp_path):
-    from drmerge.devstack import StackError, service_env, start_api
+    from drmerge_ops.processes import StackError, service_env, start_api
     from tests.servers import free_port
 
     env = service_env(redis_server.url, s3_server.env(), queue="nopepper")

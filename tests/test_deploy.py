@@ -29,7 +29,7 @@ CHECKS = {
     "docs": docs.check,
 }
 DEPLOY_FILES = ("Dockerfile", ".dockerignore", "docker-compose.yml", "docker-compose.gpu.yml",
-                ".env.example", "deploy")
+                ".env.example", "deploy", "pyproject.toml")
 
 
 @pytest.fixture
@@ -93,6 +93,7 @@ DOCKERFILE_BREAKS = {
                        "torch is not installed pinned"),
     "dockerignore drops a COPY source": (".dockerignore", "!deploy/docker/\n", "", "excluded by .dockerignore"),
     "dockerignore lets .env in": (".dockerignore", "!LICENSE\n", "!LICENSE\n!.env\n", "lets .env"),
+    "dockerignore drops a package": (".dockerignore", "!drmerge_ops/\n", "", "package drmerge_ops/"),
 }
 
 

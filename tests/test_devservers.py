@@ -75,7 +75,7 @@ def test_two_seaweedfs_run_side_by_side_and_stop(tmp_path, s3_server):
 
 
 def test_a_taken_port_is_a_clear_error_or_a_relaunch(tmp_path, monkeypatch):
-    from drmerge import devservers
+    from drmerge_ops import devservers
 
     with socket.create_server(("127.0.0.1", 0)) as squatter:
         taken = squatter.getsockname()[1]

@@ -25,7 +25,7 @@ def drmerge(*args, cwd, timeout=600):
     for k in list(env):
         if k.startswith("DRMERGE_"):
             del env[k]
-    return subprocess.run([sys.executable, "-m", "drmerge", *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "drmerge_ops", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_schemathesis_finds_no_server_error(redis_server, s3_server, tmp_path):
     pytest.importorskip("schemathesis")
     from bench.fuzz_api import count_access_log, fuzz
-    from drmerge.devstack import service_env, start_api, stop_process
+    from drmerge_ops.processes import service_env, start_api, stop_process
     from service.keys import KeyStore
     from service.settings import Settings
     from tests.servers import free_port

@@ -12,10 +12,10 @@ import time
 import pytest
 
 from drmerge.checkpoint import MAX_HEADER_BYTES
+from service.jobs.status import TERMINAL
 from tests.conftest import list_keys, write_checkpoint
 from tests.reliability_stack import pending_uploads
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def raw_safetensors(header, data: bytes = b"", header_len: int | None = None) -> bytes:

@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
-from service.jobstore import (STATUSES, TERMINAL, TRANSITIONS, IdempotencyConflict, IllegalTransition, JobNotFound,
-                              OutputBusy, StaleAttempt, is_job_id, new_job_id)
+from service.jobs.errors import IdempotencyConflict, IllegalTransition, JobNotFound, OutputBusy, StaleAttempt
+from service.jobs.model import is_job_id, new_job_id
+from service.jobs.status import STATUSES, TERMINAL, TRANSITIONS
 
 
 def new(store, output=None, **kw):
@@ -167,7 +168,7 @@ def test_an_output_inside_or_around_an_active_one_is_busy_too(store):
     assert "which contains" not in str(e.value) and f"{root}other/sub/, inside {root}other/" in str(e.value)
     for job in (a, b, c):
         store.transition(job.id, "cancelled")
-    assert store.r.zrangebylex(store.k_outputs_sorted, f"[{root}", f"({root}\xff") == []
+    assert store.r.zrangebylex(store.keys.outputs_sorted, f"[{root}", f"({root}\xff") == []
     d = new(store, output=root)  # every reservation under it was released
     store.transition(d.id, "cancelled")
 
@@ -217,8 +218,7 @@ def test_cancel_queued_is_immediate_and_running_goes_through_cancelling(store):
     assert store.request_cancel(q.id).status == "cancelled"  # idempotent
     r = new(store)
     force(store, r.id, ["running"])
-    pubsub = store.r.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(store.cancel_channel)
+    pubsub = store.subscribe_cancels()
     time.sleep(0.05)
     assert store.request_cancel(r.id).status == "cancelling"
     assert store.is_cancel_requested(r.id)
@@ -256,33 +256,47 @@ def test_terminal_transition_queues_the_webhook_and_records_duration(store):
     store.transition(job.id, "running", attempt=0, fields={"attempts": 1, "started_at": time.time() - 3})
     store.transition(job.id, "failed", fields={"error": {"code": "corrupt_checkpoint", "message": "m", "param": None}})
     assert store.require(job.id).webhook_state == {"status": "pending", "attempts": 0}
-    assert store.claim_due_webhook(lease_s=30) == job.id
-    assert store.claim_due_webhook(lease_s=30) is None  # leased
+    assert store.webhooks.claim_due(lease_s=30) == job.id
+    assert store.webhooks.claim_due(lease_s=30) is None  # leased
     stats = store.stats()
     assert stats["dur:failed:count"] == "1" and "dur:failed:1" not in stats and stats["dur:failed:5"] == "1"
     assert 2.5 < float(stats["dur:failed:sum"]) < 60
     plain = new(store)
     store.transition(plain.id, "cancelled")
-    assert store.claim_due_webhook(lease_s=30) is None  # no webhook, nothing queued
+    assert store.webhooks.claim_due(lease_s=30) is None  # no webhook, nothing queued
 
 
 def test_expired_webhook_lease_is_claimed_again(store):
     job = new(store, webhook={"url": "http://x.test/h"})
     store.transition(job.id, "cancelled")
-    assert store.claim_due_webhook(lease_s=0.2) == job.id
-    assert store.claim_due_webhook(lease_s=0.2) is None  # the lease is held
+    assert store.webhooks.claim_due(lease_s=0.2) == job.id
+    assert store.webhooks.claim_due(lease_s=0.2) is None  # the lease is held
     deadline = time.monotonic() + 5
-    while (again := store.claim_due_webhook(lease_s=0.2)) is None:  # until the lease expires
+    while (again := store.webhooks.claim_due(lease_s=0.2)) is None:  # until the lease expires
         assert time.monotonic() < deadline, "the expired lease was never claimed again"
         time.sleep(0.02)
     assert again == job.id
 
 
 def test_heartbeats_count_live_workers(store):
-    store.heartbeat("w1", {"pid": 1}, ttl_s=5)
-    store.heartbeat("w2", {"pid": 2}, ttl_s=5)
-    assert sorted(store.live_workers(5)) == ["w1", "w2"]
-    store.r.zadd(store.k_workers, {"w2": time.time() - 10})  # w2 went quiet 10 s ago
-    assert store.live_workers(5) == ["w1"]
-    store.remove_worker("w1")
-    assert store.live_workers(5) == []
+    store.workers.heartbeat("w1", {"pid": 1}, ttl_s=5)
+    store.workers.heartbeat("w2", {"pid": 2}, ttl_s=5)
+    assert sorted(store.workers.live(5)) == ["w1", "w2"]
+    store.r.zadd(store.keys.workers, {"w2": time.time() - 10})  # w2 went quiet 10 s ago
+    assert store.workers.live(5) == ["w1"]
+    store.workers.remove("w1")
+    assert store.workers.live(5) == []
+
+
+def test_an_active_output_inside_with_a_non_ascii_name_is_found(store):
+    """The lookup of outputs inside a new one ends its range at byte 255, which no UTF-8
+    text holds: a child whose name has characters past U+00AD ('é', CJK) is inside too.
+    (When the script lived in a Python string, '\\255' there became U+00AD, and these
+    children sorted after the end of the range.)"""
+    root = f"s3://bkt/{uuid.uuid4().hex}/"
+    for child in ("é/", "日本/", "\u00ae/"):
+        a = new(store, output=root + child)
+        with pytest.raises(OutputBusy) as e:
+            new(store, output=root)
+        assert (e.value.job_id, e.value.held) == (a.id, root + child)
+        store.transition(a.id, "cancelled")

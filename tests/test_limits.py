@@ -177,7 +177,7 @@ def test_webhooks_to_non_public_places_are_refused_at_submit(strict_stack, url, 
         body = assert_problem(c.post("/v1/merges", json={"spec": spec(), "webhook": {"url": url}}), 422,
                               "invalid_request", "webhook.url")
     assert why in body["detail"]
-    assert strict_stack.store.r.zcard(strict_stack.store.k_tenant(name)) == 0
+    assert strict_stack.store.r.zcard(strict_stack.store.keys.tenant(name)) == 0
 
 
 def test_wrong_content_types_and_methods_are_problems_not_crashes(client):

@@ -31,7 +31,7 @@ def fresh_tenant(stack) -> tuple[str, str]:
 
 
 def tenant_jobs(stack, tenant: str) -> int:
-    return stack.store.r.zcard(stack.store.k_tenant(tenant))
+    return stack.store.r.zcard(stack.store.keys.tenant(tenant))
 
 
 def key_of(uri: str) -> str:
@@ -70,7 +70,7 @@ def test_a_worker_refuses_an_aliased_spec_that_reached_it(service_stack, family,
     """Defence in depth: a job whose stored spec still holds the alias (queued before this
     fix, or written by another client of the store) fails invalid_spec in the worker,
     which parses the spec again, before it opens the output."""
-    from worker.celery_app import MERGE_TASK, make_celery
+    from service.jobs.queue import enqueue, make_celery
 
     victim = family.uris["ft-1"]
     before = object_fingerprints(s3_client, family.bucket)
@@ -79,7 +79,7 @@ def test_a_worker_refuses_an_aliased_spec_that_reached_it(service_stack, family,
                                         tenant=service_stack.tenant)
     celery = make_celery(service_stack.settings)
     try:
-        celery.send_task(MERGE_TASK, args=[job.id], queue=service_stack.settings.queue, task_id=job.id)
+        enqueue(celery, job.id, queue=service_stack.settings.queue)
         service_stack.store.mark_enqueued(job.id)
     finally:
         celery.close()

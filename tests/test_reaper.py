@@ -61,7 +61,7 @@ def wait_until_stale(store, job_id: str, s: Settings, timeout=10.0) -> None:
     reaper's own test), instead of sleeping a guessed interval."""
     deadline = time.monotonic() + timeout
     while True:
-        hb, updated = store.r.hmget(store.k_job(job_id), "heartbeat_at", "updated_at")
+        hb, updated = store.r.hmget(store.keys.job(job_id), "heartbeat_at", "updated_at")
         if store.server_time() - float(hb or updated or 0) >= s.job_heartbeat_timeout_s:
             return
         assert time.monotonic() < deadline, "the heartbeat never went stale"
@@ -162,14 +162,14 @@ def test_a_job_that_lost_too_many_workers_fails_with_internal_error_and_is_clean
     job = store.require(job_id)
     assert job.status == "failed" and job.error["code"] == "internal_error" and "lost 2 workers" in job.error["message"]
     assert job.cleanup == "pending" and sent == [job_id]  # a message for a worker to clean up
-    assert store.r.hget(store.k_outputs, spec["output"]) == job_id  # reserved until it is clean
+    assert store.r.hget(store.keys.outputs, spec["output"]) == job_id  # reserved until it is clean
     # the worker that receives it removes the partial output and drops the message
     assert JobRunner(store, s, "w3").run(job_id) is None
     assert list_keys(s3_client, family.bucket, "merged/abandoned/") == []
     assert not s3_client.list_multipart_uploads(Bucket=family.bucket).get("Uploads")
     assert store.require(job_id).cleanup is None
-    assert store.r.hget(store.k_outputs, spec["output"]) is None
-    assert store.r.zscore(store.k_cleanup_due, job_id) is None
+    assert store.r.hget(store.keys.outputs, spec["output"]) is None
+    assert store.r.zscore(store.keys.cleanup_due, job_id) is None
     assert any(e["type"] == "cleanup" for e in store.events(job_id))
 
 
@@ -298,7 +298,7 @@ def test_every_resend_goes_to_the_job_s_own_queue(store, s3_server):
     assert store.require(job_id).queue == JOB_QUEUE
     # a record made before jobs had a queue falls back to the sender's own
     legacy = queued(store)
-    store.r.hdel(store.k_job(legacy), "queue")
+    store.r.hdel(store.keys.job(legacy), "queue")
     sweep_until(reaper, lambda d: d["sent"] == [legacy])
     assert sent.queues[-1] == "pool-b"
 
@@ -310,7 +310,7 @@ def test_a_cleanup_that_cannot_reach_s3_is_retried_with_backoff_then_given_up(st
     is left and releases the output."""
     from drmerge.errors import MergeError
     from drmerge.spec import parse_spec
-    from service.jobstore import OutputBusy
+    from service.jobs.errors import OutputBusy
 
     s = settings(s3_server, cleanup_backoff_base_s=10.0, cleanup_backoff_max_s=15.0, cleanup_max_attempts=2)
     spec = parse_spec({"base_model": "s3://bkt/base/", "models": ["s3://bkt/ft/"],
@@ -329,7 +329,7 @@ def test_a_cleanup_that_cannot_reach_s3_is_retried_with_backoff_then_given_up(st
     assert job.cleanup == "pending" and job.cleanup_files == ["model-00001-of-00002.safetensors",
                                                               "model-00002-of-00002.safetensors"]
     assert "removal is retried" in [e for e in store.events(job_id) if e["type"] == "status"][-1]["message"]
-    due = store.r.zscore(store.k_cleanup_due, job_id)
+    due = store.r.zscore(store.keys.cleanup_due, job_id)
     assert t0 + 10.0 - 0.01 <= due <= time.time() + 10.0 + 0.01  # (stored to the millisecond)
     with pytest.raises(OutputBusy):  # nobody writes there before it is clean
         store.create(spec, spec["output"])
@@ -338,18 +338,18 @@ def test_a_cleanup_that_cannot_reach_s3_is_retried_with_backoff_then_given_up(st
     reaper = Reaper(store, s, sent)
     assert reaper.sweep(force=True)["cleanup"] == []  # not due yet
     for attempt, delay in ((1, 10.0), (2, 15.0)):  # base, then 2 x base capped at the max
-        store.r.zadd(store.k_cleanup_due, {job_id: time.time() - 1})  # (instead of waiting for it)
+        store.r.zadd(store.keys.cleanup_due, {job_id: time.time() - 1})  # (instead of waiting for it)
         before = time.time()
         assert reaper.sweep(force=True)["cleanup"] == [job_id]
-        assert before + delay - 0.01 <= store.r.zscore(store.k_cleanup_due, job_id) <= time.time() + delay + 0.01
-        assert int(store.r.hget(store.k_job(job_id), "cleanup_attempts")) == attempt
+        assert before + delay - 0.01 <= store.r.zscore(store.keys.cleanup_due, job_id) <= time.time() + delay + 0.01
+        assert int(store.r.hget(store.keys.job(job_id), "cleanup_attempts")) == attempt
     assert sent == [job_id, job_id] and sent.queues == [JOB_QUEUE] * 2  # a worker gets the job's id each time
 
-    store.r.zadd(store.k_cleanup_due, {job_id: time.time() - 1})
+    store.r.zadd(store.keys.cleanup_due, {job_id: time.time() - 1})
     assert reaper.sweep(force=True)["cleanup_given_up"] == [job_id]
     job = store.require(job_id)
     assert job.cleanup == "failed" and job.status == "failed" and job.error["code"] == "storage_error"
-    assert store.r.zscore(store.k_cleanup_due, job_id) is None
+    assert store.r.zscore(store.keys.cleanup_due, job_id) is None
     last = store.events(job_id)[-1]
     assert last["type"] == "cleanup" and last["outcome"] == "failed"
     assert "model-00001-of-00002.safetensors" in last["message"] and "by hand" in last["message"]

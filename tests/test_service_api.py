@@ -281,7 +281,7 @@ def test_openapi_and_docs(idle_stack):
 def test_redis_outage_is_503_unavailable(s3_server, tmp_path):
     import httpx
 
-    from drmerge.devstack import service_env, start_api, stop_process
+    from drmerge_ops.processes import service_env, start_api, stop_process
     from tests.servers import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there

@@ -16,7 +16,7 @@ def drmerge(*args, api_url: str, cwd, stdin: str | None = None, timeout: float =
     env.pop("DRMERGE_API_KEY", None)
     if api_key:
         env["DRMERGE_API_KEY"] = api_key
-    return subprocess.run([sys.executable, "-m", "drmerge", *args], env=env, cwd=cwd, input=stdin,
+    return subprocess.run([sys.executable, "-m", "drmerge_ops", *args], env=env, cwd=cwd, input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -91,7 +91,7 @@ def test_a_requeued_job_goes_back_to_its_own_queue(redis_server, s3_server, s3_c
 
     import redis
 
-    from drmerge.devstack import start_api
+    from drmerge_ops.processes import start_api
 
     fam = _family(tmp_path, s3_client, s3_bucket, prefix="slow/", n_layers=80, dim=8)  # seconds of reading
     spec = fam.spec("merged/own-queue/", method="task_arithmetic", shard_size="8KB")

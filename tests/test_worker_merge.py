@@ -11,12 +11,11 @@ import time
 
 import pytest
 
+from service.jobs.status import TERMINAL
+from service.webhooks import verify
 from tests.conftest import _family, list_keys, upload_folder, write_checkpoint
 from tests.reliability_stack import local_merge
 from tests.test_webhooks import Receiver
-from service.webhooks import verify
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def output_keys(s3_client, job) -> list[str]:

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from service.jobstore import JobStore
+from service.jobs.store import JobStore
 from service.settings import Settings
 from worker.runner import JobRunner
 from tests.conftest import list_keys
@@ -32,7 +32,7 @@ def test_a_queued_job_is_claimed_once(store, s3_server):
     a = JobRunner(store, settings(s3_server), "worker-a")
     b = JobRunner(store, settings(s3_server), "worker-b")
     assert a.claim(job_id) == 1
-    store.heartbeat("worker-a", {}, ttl_s=5)
+    store.workers.heartbeat("worker-a", {}, ttl_s=5)
     assert b.claim(job_id) is None  # a duplicate delivery while worker-a is alive
     job = store.require(job_id)
     assert job.status == "running" and job.worker == "worker-a" and job.attempts == 1 and job.started_at

@@ -1,67 +1,12 @@
-"""The Celery application, shared by the worker and (for ``send_task``) the API.
+"""The worker's Celery application: the service's queue definition (service.jobs.queue)
+plus the task modules, which only the worker imports (``include``).
 
-Importing this module must stay torch-free: the API process imports it to enqueue.
-Task modules are imported by the worker only (``include``).
-
-Why these settings:
-- one merge at a time per worker (``worker_prefetch_multiplier=1``, concurrency 1):
-  a merge uses the whole GPU and a large share of host memory;
-- ``task_acks_late`` + ``task_reject_on_worker_lost``: a worker that dies mid-merge
-  leaves its message unacknowledged, so the job is redelivered, not lost;
-- the broker's ``visibility_timeout`` is above the longest allowed job, or Redis would
-  hand a still-running merge to a second worker;
-- a hard time limit a little above ``job_time_limit_s``: the task enforces the limit
-  itself between tensors (and cleans up); the hard limit only catches a hung worker
-  (the threads pool cannot enforce it; the runner's watchdog does);
-- a merge is not cancelled when the broker connection drops (a Redis restart): it keeps
-  running and records its outcome in the job store once Redis is back. Its late ack may
-  be lost with the old connection; the redelivery hours later finds the job over and is
-  dropped.
-
-A SIGKILLed worker's message is not what brings its job back (that takes the visibility
-timeout): the job's heartbeat stops and the reaper (service/reaper.py) re-queues it.
+``celery -A worker.celery_app`` finds ``app`` or ``celery_app``.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+from service.jobs.queue import make_celery
 
-from service.settings import Settings, get_settings
-
-MERGE_TASK = "drmerge.merge"
-HARD_LIMIT_GRACE_S = 600
-
-
-def make_celery(settings: Settings | None = None) -> Celery:
-    s = settings or get_settings()
-    app = Celery("drmerge", broker=s.celery_broker_url, include=["worker.tasks"])
-    app.conf.update(
-        task_default_queue=s.queue,
-        task_routes={MERGE_TASK: {"queue": s.queue}},
-        task_serializer="json",
-        accept_content=["json"],
-        result_backend=None,
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
-        task_track_started=False,
-        worker_prefetch_multiplier=1,
-        worker_concurrency=1,
-        worker_max_tasks_per_child=None,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_time_limit=s.job_time_limit_s + HARD_LIMIT_GRACE_S,
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            "visibility_timeout": s.job_time_limit_s + 2 * HARD_LIMIT_GRACE_S,
-            "socket_timeout": 10,
-            "socket_connect_timeout": 5,
-        },
-    )
-    return app
-
-
-celery_app = make_celery()
-app = celery_app  # `celery -A worker.celery_app` finds `app` or `celery_app`
+celery_app = make_celery(include=["worker.tasks"])
+app = celery_app

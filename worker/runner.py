@@ -34,7 +34,11 @@ import os
 import threading
 import time
 
-from service.jobstore import IllegalTransition, JobStore, StaleAttempt, empty_progress, lost_workers_error
+from service.jobs.errors import IllegalTransition, StaleAttempt
+from service.jobs.model import empty_progress, lost_workers_error
+from service.jobs.queue import send_once
+from service.jobs.status import OWNED, JobStatus
+from service.jobs.store import JobStore
 
 log = logging.getLogger("drmerge.worker")
 
@@ -119,8 +123,7 @@ class CancelWatcher:
         while not self._stop.is_set() and not self.event.is_set():
             try:
                 if pubsub is None:
-                    pubsub = self.store.r.pubsub(ignore_subscribe_messages=True)
-                    pubsub.subscribe(self.store.cancel_channel)
+                    pubsub = self.store.subscribe_cancels()
                 msg = pubsub.get_message(timeout=min(0.5, self.poll_s))
                 if msg and msg.get("data") == self.job_id:
                     self.event.set()
@@ -200,19 +203,19 @@ class JobRunner:
                     self._discard_output(job)
                 log.info("job %s is already %s; nothing to do", job_id, job.status)
                 return None
-            if job.status == "cancelling":  # cancelled while its previous worker was lost
-                self._finish(job_id, "cancelled", attempt=None, from_={"cancelling"},
+            if job.status == JobStatus.CANCELLING:  # cancelled while its previous worker was lost
+                self._finish(job_id, JobStatus.CANCELLED, attempt=None, from_={JobStatus.CANCELLING},
                              message="cancelled; its worker was lost before it stopped")
                 return None
             message = f"running on {self.worker_name}"
-            if job.status == "running":
+            if job.status == JobStatus.RUNNING:
                 owner = job.worker
-                live = self.store.live_workers(self.settings.worker_heartbeat_ttl_s)
+                live = self.store.workers.live(self.settings.worker_heartbeat_ttl_s)
                 if owner and owner != self.worker_name and owner in live:
                     log.warning("job %s is running on live worker %s; dropping duplicate delivery", job_id, owner)
                     return None
                 if job.lost >= self.settings.job_max_attempts:
-                    if self._finish(job_id, "failed", attempt=job.attempts, from_={"running"},
+                    if self._finish(job_id, JobStatus.FAILED, attempt=job.attempts, from_={JobStatus.RUNNING},
                                     error=lost_workers_error(job.lost, self.settings.job_max_attempts,
                                                              f"worker {owner or '?'} was lost"),
                                     message="too many lost workers", cleanup=[]):
@@ -226,7 +229,7 @@ class JobRunner:
             if job.started_at is None:
                 fields["started_at"] = now
             try:
-                self.store.transition(job_id, "running", from_={job.status}, attempt=job.attempts,
+                self.store.transition(job_id, JobStatus.RUNNING, from_={job.status}, attempt=job.attempts,
                                       fields=fields, message=message, now=now)
                 return job.attempts + 1
             except (IllegalTransition, StaleAttempt):
@@ -316,20 +319,21 @@ class JobRunner:
             removed = ("its partial output could not all be removed yet (storage unavailable?); removal is retried"
                        if left else "its partial output was removed")
             if e.code == "cancelled" and timed_out.is_set() and not watcher.event.is_set():
-                return self._finish(job_id, "failed", attempt, from_={"running", "cancelling"}, progress=progress,
+                return self._finish(job_id, JobStatus.FAILED, attempt, from_=OWNED, progress=progress,
                                     error={"code": "timeout", "param": None,
                                            "message": f"the merge ran longer than the {limit}s limit and was stopped; "
                                                       f"{removed}"},
                                     message="time limit exceeded", cleanup=left)
             if e.code == "cancelled":
-                return self._finish(job_id, "cancelled", attempt, from_={"cancelling"}, progress=progress,
-                                    message=f"cancelled; {removed if left else 'partial output removed'}", cleanup=left)
-            return self._finish(job_id, "failed", attempt, from_={"running", "cancelling"}, progress=progress,
+                return self._finish(job_id, JobStatus.CANCELLED, attempt, from_={JobStatus.CANCELLING},
+                                    progress=progress, cleanup=left,
+                                    message=f"cancelled; {removed if left else 'partial output removed'}")
+            return self._finish(job_id, JobStatus.FAILED, attempt, from_=OWNED, progress=progress,
                                 error=e.to_dict(), message=f"failed: {e.code}" + (f"; {removed}" if left else ""),
                                 cleanup=left)
         except Exception as e:  # a bug; the engine normally wraps these itself
             log.exception("job %s: unexpected error", job_id)
-            return self._finish(job_id, "failed", attempt, from_={"running", "cancelling"},
+            return self._finish(job_id, JobStatus.FAILED, attempt, from_=OWNED,
                                 progress=reporter.flush(),
                                 error={"code": "internal_error", "param": None,
                                        "message": f"unexpected {type(e).__name__}: {e}"[:2000]},
@@ -346,7 +350,7 @@ class JobRunner:
             r = res["resumed"]
             message = (f"succeeded (resumed: {r['shards_kept']} shard(s) verified and kept, "
                        f"{r['tensors_skipped']} tensor(s) not merged again)")
-        return self._finish(job_id, "succeeded", attempt, from_={"running", "cancelling"}, progress=progress,
+        return self._finish(job_id, JobStatus.SUCCEEDED, attempt, from_=OWNED, progress=progress,
                             result=res, message=message)
 
     def _hand_back(self, job_id: str, attempt: int, progress: dict, stop) -> str | None:
@@ -355,14 +359,14 @@ class JobRunner:
             log.warning("job %s: attempt %s stopped; the job belongs to a newer attempt now", job_id, attempt)
             return None
         job = self.store.get(job_id)
-        if job is not None and job.status == "cancelling":  # cancelled meanwhile: finish that instead
+        if job is not None and job.status == JobStatus.CANCELLING:  # cancelled meanwhile: finish that instead
             self._discard_output(job)
-            return self._finish(job_id, "cancelled", attempt, from_={"cancelling"}, progress=progress,
+            return self._finish(job_id, JobStatus.CANCELLED, attempt, from_={JobStatus.CANCELLING}, progress=progress,
                                 message="cancelled; partial output removed")
         handoffs = (job.handoffs if job else 0) + 1
         try:
             self._with_redis_retries(lambda: self.store.transition(
-                job_id, "queued", from_={"running"}, attempt=attempt,
+                job_id, JobStatus.QUEUED, from_={JobStatus.RUNNING}, attempt=attempt,
                 fields={"worker": "", "enqueued_at": "", "handoffs": handoffs, "progress": progress},
                 message=f"worker {self.worker_name} is shutting down: job handed back to the queue; "
                         f"{getattr(stop, 'kept', 0)} committed shard(s) kept for the next attempt"))
@@ -371,7 +375,7 @@ class JobRunner:
             return None
         self._send(job_id, job.queue if job else None)
         log.info("job %s handed back to the queue", job_id)
-        return "queued"
+        return JobStatus.QUEUED
 
     def _send(self, job_id: str, queue: str | None) -> None:
         """Publish a merge message for a queued job to its own queue (the reaper does it
@@ -379,12 +383,7 @@ class JobRunner:
         if self.enqueue is None:
             return
         try:
-            if self.store.claim_enqueue(job_id):
-                try:
-                    self.enqueue(job_id, queue or self.settings.queue)
-                except Exception:
-                    self.store.r.hset(self.store.k_job(job_id), "enqueued_at", "")
-                    raise
+            send_once(self.store, self.enqueue, job_id, queue or self.settings.queue)
         except Exception as e:
             log.warning("job %s: cannot queue it again (the reaper will): %s", job_id, e)
 
@@ -470,7 +469,7 @@ class JobRunner:
         timeout and end the process (the supervisor restarts the worker)."""
         log.critical("job %s is stuck %ss past its %ss limit; exiting the worker", job_id, WATCHDOG_GRACE_S, limit)
         try:
-            self._finish(job_id, "failed", attempt, from_={"running", "cancelling"}, message="watchdog: stuck",
+            self._finish(job_id, JobStatus.FAILED, attempt, from_=OWNED, message="watchdog: stuck",
                          error={"code": "timeout", "param": None,
                                 "message": f"the merge exceeded the {limit}s time limit and did not stop; "
                                            "its worker was restarted (partial output may remain)"})

@@ -20,12 +20,13 @@ import time
 
 from celery import signals
 
-from service.jobstore import JobStore
+from service.jobs.queue import MERGE_TASK, enqueue
+from service.jobs.store import JobStore
 from service.reaper import Reaper
 from service.settings import get_settings
 from service.webhooks import WebhookDeliverer
 
-from .celery_app import MERGE_TASK, celery_app
+from .celery_app import celery_app
 from .runner import JobRunner
 
 log = logging.getLogger("drmerge.worker")
@@ -66,7 +67,7 @@ def _runner(hostname: str | None = None) -> JobRunner:
 def _enqueue(job_id: str, queue: str) -> None:
     """Publish a merge message to ``queue``: the job's own (JobStore ``queue``), not
     necessarily this worker's, so a job never reaches a pool it was not sent to."""
-    celery_app.send_task(MERGE_TASK, args=[job_id], queue=queue)
+    enqueue(celery_app, job_id, queue=queue)
 
 
 @celery_app.task(name=MERGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -81,7 +82,7 @@ def _heartbeat_loop() -> None:
     while not _state["stop"].is_set():
         runner = _state["runner"]
         try:
-            _store().heartbeat(_state["name"], {"pid": os.getpid(), "host": socket.gethostname(),
+            _store().workers.heartbeat(_state["name"], {"pid": os.getpid(), "host": socket.gethostname(),
                                                 "device": runner.device if runner else None,
                                                 "started_at": started, "queue": s.queue,
                                                 "current_job": runner.current_job if runner else None},
@@ -130,6 +131,6 @@ def _on_shutdown(**_):
             _state[key].stop()
     if _state["name"]:
         try:
-            _store().remove_worker(_state["name"])
+            _store().workers.remove(_state["name"])
         except Exception:
             pass

@@ -1,6 +1,6 @@
 """Loopback throughput of S3Storage against a local SeaweedFS (weed mini)."""
 import os, sys, time, tempfile
-from drmerge.devservers import start_seaweedfs
+from drmerge_ops.devservers import start_seaweedfs
 from drmerge.s3 import S3Storage
 MiB = 1 << 20
 SIZE = int(os.environ.get("SIZE_MIB", "256")) * MiB

@@ -1,6 +1,6 @@
 """SeaweedFS (weed mini) startup-to-ListBuckets time, idle and loaded peak RSS."""
 import os, statistics, tempfile, time
-from drmerge.devservers import start_seaweedfs, start_redis
+from drmerge_ops.devservers import start_seaweedfs, start_redis
 def hwm(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmHWM"): return int(line.split()[1]) // 1024

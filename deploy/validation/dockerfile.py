@@ -3,7 +3,9 @@
 hadolint lints instruction by instruction. What matters here spans stages: the `api`
 image must not contain torch, both final images must run as a non-root user with a
 HEALTHCHECK, base images must be pinned to exact releases, and every file COPY'd from
-the build context must survive the allow-list in .dockerignore.
+the build context must survive the allow-list in .dockerignore, as must every package the
+images pip-install from it (pyproject.toml's package list: the `drmerge` console script
+lives in drmerge_ops, so an image without it has no entry point).
 """
 
 from __future__ import annotations
@@ -211,7 +213,24 @@ def check_structure(root: Path) -> list[str]:
                         problems.append(f"COPY {src}: no such file in the repository")
                     elif not _dockerignore_allows(patterns, src.rstrip("/")):
                         problems.append(f"COPY {src}: excluded by .dockerignore")
+        for package in _installed_packages(root):
+            if not _dockerignore_allows(patterns, package):
+                problems.append(f"package {package}/ (pyproject.toml) is excluded by .dockerignore: "
+                                "`pip install .` in the image would miss it")
     return problems
+
+
+def _installed_packages(root: Path) -> list[str]:
+    """Top-level packages named by pyproject.toml's setuptools find ``include``
+    (``drmerge_ops*`` and ``drmerge.*`` both name a top-level directory)."""
+    import tomllib
+
+    try:
+        config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+    include = config.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {}).get("include", [])
+    return sorted({re.split(r"[.*]", pattern, maxsplit=1)[0] for pattern in include} - {""})
 
 
 def check(root: Path) -> list[str]:

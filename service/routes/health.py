@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import get_settings_dep, get_store
-from ..jobstore import JobStore
+from ..jobs.store import JobStore
 from ..settings import Settings
 
 router = APIRouter(tags=["ops"])
@@ -66,7 +66,7 @@ def readyz(request: Request, store: JobStore = Depends(get_store), settings: Set
     workers: dict = {"live": None}
     if checks["redis"]["ok"]:
         try:
-            names = store.live_workers(settings.worker_heartbeat_ttl_s)
+            names = store.workers.live(settings.worker_heartbeat_ttl_s)
             workers = {"live": len(names), "names": names}
         except Exception as e:
             workers = {"live": None, "error": str(e)[:300]}

@@ -13,8 +13,12 @@ from drmerge.spec import parse_spec
 
 from ..auth import Principal, get_principal
 from ..deps import get_celery, get_settings_dep, get_store
-from ..jobstore import (IdempotencyConflict, IllegalTransition, Job, JobNotFound, JobStore, JobStoreError, OutputBusy,
-                        QuotaExceeded, body_hash, is_job_id, iso)
+from ..jobs.queue import enqueue
+from ..jobs.errors import (IdempotencyConflict, IllegalTransition, JobNotFound, JobStoreError, OutputBusy,
+                           QuotaExceeded)
+from ..jobs.model import Job, is_job_id, iso
+from ..jobs.status import JobStatus
+from ..jobs.store import JobStore, body_hash
 from ..limits import check_spec
 from ..netguard import Policy, WebhookURLError, check_webhook_url
 from ..problems import Problem
@@ -26,7 +30,6 @@ log = logging.getLogger("drmerge.api")
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
 
-MERGE_TASK = "drmerge.merge"
 QUOTA_RETRY_AFTER_S = 30
 
 
@@ -176,16 +179,16 @@ def create_merge(body: MergeRequest, response: Response,
                       limit=settings.max_queued_per_tenant) from None
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    if job.status == "queued" and job.enqueued_at is None:
+    if job.status == JobStatus.QUEUED and job.enqueued_at is None:
         # A replay re-sends a job whose first enqueue never happened (an API crash
         # between create and send); the worker's claim makes a duplicate harmless.
         try:
-            celery.send_task(MERGE_TASK, args=[job.id], queue=job.queue or settings.queue, task_id=job.id)
+            enqueue(celery, job.id, queue=job.queue or settings.queue)
             store.mark_enqueued(job.id)
         except Exception as e:
             log.exception("could not enqueue %s", job.id)
             try:
-                store.transition(job.id, "failed", from_={"queued"},
+                store.transition(job.id, JobStatus.FAILED, from_={JobStatus.QUEUED},
                                  fields={"error": {"code": "internal_error", "param": None,
                                                    "message": f"the job could not be queued: {e}"}},
                                  message="enqueue failed")
@@ -230,7 +233,7 @@ def cancel_merge(job_id: str, response: Response, store: JobStore = Depends(get_
         raise Problem(409, "job_not_cancellable", f"job {job_id} already {e.current}", job_status=e.current) from None
     except JobStoreError as e:
         raise Problem(409, "job_not_cancellable", str(e)) from None
-    if job.status == "cancelled":
+    if job.status == JobStatus.CANCELLED:
         response.status_code = 200
     return job.public()
 

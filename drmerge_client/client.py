@@ -1,6 +1,6 @@
-"""A small client for the drmerge HTTP API (used by ``drmerge submit/status/wait/...``).
+"""A small client for the drmerge HTTP API (used by ``drmerge submit/status/wait/...``, drmerge_ops).
 
-Needs only httpx. The API URL comes from the argument, else ``DRMERGE_API_URL``, else
+Needs only httpx (and service.jobs.status, the one definition of job statuses). The API URL comes from the argument, else ``DRMERGE_API_URL``, else
 the local dev stack started in the current directory (``.drmerge-dev/state.json``),
 else http://127.0.0.1:8000. The API key comes from the argument, else ``DRMERGE_API_KEY``,
 else the dev stack's key, but only when the URL is the dev stack's too (a key is never
@@ -19,8 +19,9 @@ import uuid
 
 import httpx
 
+from service.jobs.status import TERMINAL
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "cancelled")
 _RETRY_STATUSES = (502, 503, 504)
 
 

@@ -160,6 +160,12 @@ class _ServerProcess:
         with _running_lock:
             _running.discard(self)
 
+    def detach(self) -> None:
+        """Leave the server running after this process exits (``drmerge dev up``); by
+        default a server is stopped at exit, which is right for tests."""
+        with _running_lock:
+            _running.discard(self)
+
     def __enter__(self):
         return self
 
