@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from tests.servers import BucketSupply, start_redis, start_seaweedfs
+from tests.support.servers import BucketSupply, start_redis, start_seaweedfs
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +64,7 @@ import uuid  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from service.jobs.status import TERMINAL  # noqa: E402
-from tests.servers import free_port  # noqa: E402
+from tests.support.servers import free_port  # noqa: E402
 
 # Short intervals so tests see progress, heartbeats and webhook retries in well under a second.
 SERVICE_TEST_SETTINGS = dict(
