@@ -13,8 +13,7 @@ import pytest
 
 from drmerge.checkpoint import MAX_HEADER_BYTES
 from service.jobs.status import TERMINAL
-from tests.conftest import list_keys, write_checkpoint
-from tests.support.stack import pending_uploads
+from tests.support.checkpoints import list_keys, pending_uploads, write_checkpoint
 
 
 
@@ -81,7 +80,7 @@ def test_index_pointing_outside_the_checkpoint_or_to_a_missing_shard(service_sta
 def test_catastrophic_backtracking_is_stopped(service_stack, s3_client, s3_bucket, tmp_path):
     import torch
 
-    from tests.conftest import upload_folder
+    from tests.support.checkpoints import upload_folder
 
     # exponential in the name's length: ~0.5 s at 20 characters, doubling per character
     pattern = "(.*){1,32000}[bc]"
@@ -158,7 +157,7 @@ def test_unicode_tensor_names_and_paths(service_stack, s3_client, s3_bucket, tmp
 
     from drmerge.pipeline import run_merge
     from drmerge.spec import parse_spec
-    from tests.conftest import upload_folder
+    from tests.support.checkpoints import upload_folder
 
     g = torch.Generator().manual_seed(7)
     names = ["模型.层.0.weight", "слой.1.вес.weight", "emoji.😀.bias", "café/ü.norm.weight"]
@@ -200,7 +199,7 @@ def upload_adapter(s3_client, bucket: str, prefix: str, config: dict) -> str:
 
 
 def worker_pid(service_stack) -> str:
-    return service_stack.store.r.hget(f"{service_stack.store.p}:worker:{service_stack.worker_name}", "pid")
+    return service_stack.store.r.hget(f"{service_stack.store.p}:worker:{service_stack.worker_name()}", "pid")
 
 
 LORA_CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["proj"]}

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from service.limits import json_depth_exceeds
-from tests.conftest import STRICT_LIMITS
+from tests.support.stack import STRICT_LIMITS
 from tests.e2e.test_service_api import assert_problem, spec
 
 

@@ -18,8 +18,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import list_keys
-from tests.support.stack import object_fingerprints
+from tests.support.checkpoints import list_keys, object_fingerprints
 from tests.e2e.test_service_api import assert_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -177,7 +176,7 @@ def write(path, spec: dict) -> str:
 
 def test_the_cli_refuses_the_aliases_too(tmp_path):
     from drmerge.cli import main
-    from tests.conftest import make_family
+    from tests.support.checkpoints import make_family
 
     local = make_family(str(tmp_path / "ckpt"), n_models=2)
     victim = local["ft-1"]

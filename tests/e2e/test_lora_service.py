@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from drmerge import merge
-from tests.conftest import list_keys, upload_folder
+from tests.support.checkpoints import list_keys, upload_folder
 from tests.support.lora_helpers import load_model, make_adapter, make_base, state
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]

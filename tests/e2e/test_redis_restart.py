@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import _family
-from tests.support.stack import FAST_RECOVERY, Stack, local_merge, output_files, wait_until
+from tests.support.checkpoints import _family, local_merge, output_files
+from tests.support.stack import FAST_RECOVERY, Stack, wait_until
 from tests.support.servers import start_redis
 
 pytestmark = pytest.mark.slow

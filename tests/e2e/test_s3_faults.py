@@ -11,9 +11,9 @@ import threading
 
 import pytest
 
-from tests.conftest import _family, list_keys
-from tests.support.stack import (SLOW_PLAN_SHARDS, Stack, local_merge, object_fingerprints, output_files,
-                                     pending_uploads, shard_headers_read, slow_plan_spec, wait_until)
+from tests.support.checkpoints import (SLOW_PLAN_SHARDS, _family, list_keys, local_merge, object_fingerprints,
+                                       output_files, pending_uploads, shard_headers_read, slow_plan_spec)
+from tests.support.stack import Stack, wait_until
 from tests.support.servers import FaultyS3Proxy
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import _family
-from tests.support.stack import (FAST_RECOVERY, Stack, local_merge, object_fingerprints, output_files,
-                                     pending_uploads, wait_until)
+from tests.support.checkpoints import _family, local_merge, object_fingerprints, output_files, pending_uploads
+from tests.support.stack import FAST_RECOVERY, Stack, wait_until
 from tests.support.servers import FaultyS3Proxy
 
 pytestmark = pytest.mark.slow

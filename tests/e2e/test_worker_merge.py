@@ -13,8 +13,7 @@ import pytest
 
 from service.jobs.status import TERMINAL
 from service.webhooks import verify
-from tests.conftest import _family, list_keys, upload_folder, write_checkpoint
-from tests.support.stack import local_merge
+from tests.support.checkpoints import _family, list_keys, local_merge, upload_folder, write_checkpoint
 from tests.integration.test_webhooks import Receiver
 
 

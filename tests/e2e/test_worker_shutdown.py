@@ -9,8 +9,8 @@ import signal
 
 import pytest
 
-from tests.conftest import _family, list_keys
-from tests.support.stack import FAST_RECOVERY, Stack, local_merge, output_files, pending_uploads, wait_until
+from tests.support.checkpoints import _family, list_keys, local_merge, output_files, pending_uploads
+from tests.support.stack import FAST_RECOVERY, Stack, wait_until
 
 pytestmark = pytest.mark.slow
 

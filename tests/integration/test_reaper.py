@@ -12,7 +12,7 @@ import pytest
 
 from service.reaper import Reaper
 from service.settings import Settings
-from tests.conftest import list_keys
+from tests.support.checkpoints import list_keys
 from worker.runner import JobRunner
 
 # Credentials reach the engine the way they do on a real worker: AWS_* variables.
@@ -198,7 +198,7 @@ def test_shutdown_hands_the_job_back_and_the_next_attempt_resumes(store, s3_serv
     the shards, merges the rest, and the output equals a clean run."""
     from drmerge.pipeline import run_merge
     from drmerge.spec import parse_spec
-    from tests.conftest import _family
+    from tests.support.checkpoints import _family
 
     fam = _family(tmp_path, s3_client, s3_bucket, n_layers=12, dim=48)
     spec = parse_spec(fam.spec("merged/handback/", shard_size="20KB")).to_dict()
@@ -241,7 +241,7 @@ def test_a_zombie_attempt_never_deletes_the_newer_attempt_s_shards(store, s3_ser
     then fails must not clean up: the output belongs to the newer attempt, which keeps
     the shards already committed."""
     from drmerge.spec import parse_spec
-    from tests.conftest import _family
+    from tests.support.checkpoints import _family
 
     fam = _family(tmp_path, s3_client, s3_bucket, n_layers=12, dim=48)
     spec = parse_spec(fam.spec("merged/zombie/", shard_size="20KB")).to_dict()

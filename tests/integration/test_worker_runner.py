@@ -11,7 +11,7 @@ import pytest
 from service.jobs.store import JobStore
 from service.settings import Settings
 from worker.runner import JobRunner
-from tests.conftest import list_keys
+from tests.support.checkpoints import list_keys
 
 # Credentials reach the engine the way they do on a real worker: AWS_* variables.
 pytestmark = pytest.mark.usefixtures("aws_env")
@@ -140,7 +140,7 @@ def test_the_time_limit_applies_while_planning(store, s3_server, s3_client, s3_b
     a plan that reads 80 shard headers over a slow S3 (~50 s) is stopped at the limit."""
     from drmerge.spec import parse_spec
     from tests.support.servers import FaultyS3Proxy
-    from tests.support.stack import SLOW_PLAN_SHARDS, shard_headers_read, slow_plan_spec
+    from tests.support.checkpoints import SLOW_PLAN_SHARDS, shard_headers_read, slow_plan_spec
 
     with FaultyS3Proxy(s3_server.endpoint_url) as proxy:
         spec = parse_spec(slow_plan_spec(s3_client, s3_bucket, tmp_path, proxy, "merged/slow-plan/")).to_dict()

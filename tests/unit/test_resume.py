@@ -13,7 +13,7 @@ import drmerge.pipeline as pipeline
 from drmerge.errors import Cancelled, Interrupted, MergeError
 from drmerge.pipeline import discard_partial_output, run_merge
 from drmerge.spec import parse_spec
-from tests.conftest import _family, list_keys
+from tests.support.checkpoints import _family, list_keys
 
 from tests.support.factories import make_family
 
