@@ -1,7 +1,7 @@
 """Hostile input through the service (real API, worker, Redis and S3): malformed
 safetensors and index files on S3, catastrophic regexes, huge and deeply nested requests,
 unicode and broken unicode. Each gets a clear error code, leaves nothing written, and the
-worker keeps serving (tests/test_bad_input.py has the engine-level versions)."""
+worker keeps serving (tests/unit/test_bad_input.py has the engine-level versions)."""
 
 from __future__ import annotations
 

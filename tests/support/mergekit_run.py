@@ -1,5 +1,5 @@
 """Real mergekit beside drmerge, on the same checkpoints: the harness the side-by-side
-tests use (tests/test_vs_mergekit.py).
+tests use (tests/unit/test_vs_mergekit.py).
 
 A ``Case`` names a method and its parameters the way a mergekit config does (mergekit's
 method and parameter names: what users bring). ``TRANSLATIONS`` turns a case into both

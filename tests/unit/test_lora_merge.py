@@ -122,7 +122,7 @@ BASELINES = [("linear", {}), ("ties", {"density": 0.5, "scale": 0.7}), ("task_ar
 
 
 def expected_baseline(method, params, deltas, w):
-    """The baselines' merged delta from float64 formulas (tests/reference.py): linear is
+    """The baselines' merged delta from float64 formulas (tests/support/reference.py): linear is
     ``sum_t w_t W_t / sum_t w_t``, i.e. the base plus ``sum_t w_t D_t / sum_t w_t``."""
     ds = [d.double().numpy() for d in deltas]
     if method == "linear":

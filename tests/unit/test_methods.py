@@ -1,4 +1,4 @@
-"""The merge math against the plain float64 reference in tests/reference.py."""
+"""The merge math against the plain float64 reference in tests/support/reference.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Every method end to end: real tiny checkpoints through ``drmerge.merge``, with and
 without ``base_model`` where the method allows it, every merged tensor checked against the
-plain float64 formulas of tests/reference.py.
+plain float64 formulas of tests/support/reference.py.
 
 The family is a tiny Llama (float32) whose fine-tunes move every tensor, the RMSNorm
 weights (1.0 in the base) included: a merge that mistook deltas for weights, or weights

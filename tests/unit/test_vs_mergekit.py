@@ -1,6 +1,6 @@
 """Side by side with the real mergekit 0.1.5 (installed by the test extra): the same
 mergekit config run by mergekit and, translated, by drmerge, on the same tiny Llama
-checkpoints, gives every tensor within 1e-5 of the merged delta (tests/mergekit_run.py)."""
+checkpoints, gives every tensor within 1e-5 of the merged delta (tests/support/mergekit_run.py)."""
 
 from __future__ import annotations
 
