@@ -10,8 +10,8 @@ import uuid
 import pytest
 
 from service.limits import json_depth_exceeds
-from tests.support.stack import STRICT_LIMITS
 from tests.e2e.test_service_api import assert_problem, spec
+from tests.support.stack import STRICT_LIMITS
 
 
 def tenant() -> str:

@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from tests.support.checkpoints import list_keys, object_fingerprints
 from tests.e2e.test_service_api import assert_problem
+from tests.support.checkpoints import list_keys, object_fingerprints
 
 
 def fresh_tenant(stack) -> tuple[str, str]:

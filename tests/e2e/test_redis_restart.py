@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from tests.support.checkpoints import _family, local_merge, output_files
-from tests.support.stack import FAST_RECOVERY, Stack, wait_until
 from tests.support.servers import start_redis
+from tests.support.stack import FAST_RECOVERY, Stack, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import pytest
 
 from tests.support.checkpoints import (SLOW_PLAN_SHARDS, _family, list_keys, local_merge, object_fingerprints,
                                        output_files, pending_uploads, shard_headers_read, slow_plan_spec)
-from tests.support.stack import Stack, wait_until
 from tests.support.servers import FaultyS3Proxy
+from tests.support.stack import Stack, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from tests.support.checkpoints import _family, local_merge, object_fingerprints, output_files, pending_uploads
-from tests.support.stack import FAST_RECOVERY, Stack, wait_until
 from tests.support.servers import FaultyS3Proxy
+from tests.support.stack import FAST_RECOVERY, Stack, wait_until
 
 pytestmark = pytest.mark.slow
 

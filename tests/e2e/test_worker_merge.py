@@ -13,8 +13,8 @@ import pytest
 
 from service.jobs.status import TERMINAL
 from service.webhooks import verify
-from tests.support.checkpoints import _family, list_keys, local_merge, upload_folder, write_checkpoint
 from tests.integration.test_webhooks import Receiver
+from tests.support.checkpoints import _family, list_keys, local_merge, upload_folder, write_checkpoint
 
 
 def output_keys(s3_client, job) -> list[str]:
