@@ -9,7 +9,7 @@ requests.
     python bench/fuzz_api.py                    # the recorded run (bench/SECURITY.md)
     python bench/fuzz_api.py --max-examples 30  # quicker
 
-tests/test_fuzz_api.py runs a reduced version of this in the test suite (marked slow).
+tests/e2e/test_fuzz_api.py runs a reduced version of this in the test suite (marked slow).
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ def markdown(meta: dict, agg: dict, seeds: list[dict], tasks: list[str], analysi
           "python -m bench.quality.run                         # the full run: seeds 0 1, grids on seed 0 (< 20 min idle)",
           "python -m bench.quality.run --seeds 0 1 2           # three seeds for the spread (~27 min idle)",
           "python -m bench.quality.analysis --merges           # analysis.json, spectra.png",
-          "python -m bench.quality.run --smoke --out /tmp/q    # ~70 CPU-seconds; tests/test_quality_smoke.py",
+          "python -m bench.quality.run --smoke --out /tmp/q    # ~70 CPU-seconds; tests/unit/test_quality_smoke.py",
           "```", ""]
     return "\n".join(L)
 

@@ -1,0 +1,1 @@
+"""Test support: servers, the service stack harness, checkpoint factories, float64 references."""

@@ -1,0 +1,1 @@
+"""Unit tests: no servers (engine math, spec parsing, locations, rules, static checks)."""
