@@ -42,7 +42,7 @@ def _passthrough(inputs, tp, base, tensors, device):
     """No merge: the output is the base; lazily read inputs are still read, chunk by chunk."""
     first = base if base is not None else tensors[0]
     if isinstance(first, pipeline.LazyTensor):
-        from drmerge.methods.elementwise import CHUNK_ELEMENTS
+        from drmerge.kernels.elementwise import CHUNK_ELEMENTS
 
         for t in ([base] if base is not None else []) + list(tensors):
             for a in range(0, t.numel(), CHUNK_ELEMENTS):

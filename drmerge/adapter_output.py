@@ -1,7 +1,7 @@
 """``output_format: adapter``: merge LoRA adapters into one new PEFT LoRA adapter.
 
 Every adapted module's merged delta (the same ``D`` a full output adds to the base,
-times ``lam``) is truncated to rank ``r`` by SVD (``methods.drm_lowrank.truncated``: for
+times ``lam``) is truncated to rank ``r`` by SVD (``kernels.lowrank.truncated``: for
 DRM the delta is already factored as ``M V^T``, so this never forms it densely) and
 written as ``lora_B`` (out x r) and ``lora_A`` (r x in) with ``lora_alpha = r``, i.e.
 scaling 1. ``drmerge.json`` records, per module and overall, the fraction of the merged
@@ -32,8 +32,9 @@ from . import __version__
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterReader, task_deltas
 from .checkpoint import CODE_OF, DTYPES, OutTensor, ShardWriter, shard_header
 from .errors import Cancelled, Interrupted, MergeError
-from .methods import COPY
-from .methods.drm_lowrank import LowRank, dense_to_lowrank, mixed_merged_delta, truncated
+from .execute import factored_op, task_delta
+from .kernels.lowrank import LowRank, dense_to_lowrank, truncated
+from .methods.base import COPY
 from .spec import MergeSpec
 from .storage import open_storage
 
@@ -148,13 +149,14 @@ def merged_module(inputs, tp, factors: list, device: torch.device, rank: int) ->
     """Rank-``rank`` factors of ``lam * D`` for one module (base orientation), with the
     energy kept and total."""
     spec = inputs.spec
-    p = spec.parameters
+    method, p = spec.merge_method, spec.parameters
     deltas = task_deltas(inputs, tp.name, None, factors, device)
-    delta = mixed_merged_delta(spec.method, tp.kind, deltas, tp.out.shape, inputs.weights.to(device), p)
+    op = factored_op(method, tp.kind, p, deltas, tp.out.shape)
+    delta = task_delta(method, op, tp.kind, deltas, tp.out.shape, inputs.weights.to(device), p)
     if isinstance(delta, torch.Tensor):  # a method without a factored form: SVD of the dense result
         delta = dense_to_lowrank(delta.reshape(tp.out.shape))
     approx, kept, total = truncated(delta, rank)
-    scale = 1.0 if spec.method == "linear" else p.scale
+    scale = method.scale(p)
     return LowRank(approx.left * scale, approx.right), kept, total
 
 

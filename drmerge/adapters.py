@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import DTYPES, TensorInfo, parse_header
 from .errors import MergeError, StopPoll
-from .methods.drm_lowrank import LowRank
+from .kernels.lowrank import LowRank
 from .patterns import Matcher, Pattern, compile_pattern, compile_patterns
 from .storage import Storage
 
@@ -474,7 +474,7 @@ def plan_with_adapters(spec, base, models: list, uris: list[str], poll=None):
     be an adapter, and the base only for its shapes: without one, the adapters must agree
     with each other, and only the modules they adapt are planned.
     """
-    from .methods import COPY
+    from .methods.base import COPY
     from .plan import build_plan
 
     adapters = [m for m in models if isinstance(m, AdapterReader)]
@@ -540,14 +540,17 @@ def merge_with_adapters(inputs, tp, base: torch.Tensor, tensors: list, device: t
     """``pipeline.merge_one`` for a tensor when some inputs are adapters (full output):
     ``W0 + lam * D``, with ``D`` from the low-rank path when every task delta is
     factored, else from the dense one on materialised deltas."""
-    from .methods.drm_lowrank import mixed_merged_delta
+    from .execute import factored_op, task_delta
 
     spec = inputs.spec
+    method, p = spec.merge_method, spec.parameters
     deltas = task_deltas(inputs, tp.name, base, tensors, device)
     if all(d is None for d in deltas):  # no model changes this tensor
         return base
-    delta = mixed_merged_delta(spec.method, tp.kind, deltas, tuple(base.shape), inputs.weights.to(device), spec.parameters)
+    shape = tuple(base.shape)
+    op = factored_op(method, tp.kind, p, deltas, shape)
+    delta = task_delta(method, op, tp.kind, deltas, shape, inputs.weights.to(device), p)
     if isinstance(delta, LowRank):
         delta = delta.dense(torch.float32)
-    scale = 1.0 if spec.method == "linear" else spec.parameters.scale  # as merge_tensor: linear has no lam
+    scale = method.scale(p)
     return base.to(device=device, dtype=torch.float32) + scale * delta.to(torch.float32).reshape(base.shape)

@@ -39,8 +39,8 @@ from .adapters import AdapterReader, is_adapter_dir, merge_with_adapters, plan_w
 from .checkpoint import (DTYPES, INDEX_FILE, MAX_SMALL_FILE_BYTES, CheckpointReader, ShardWriter, index_json,
                          shard_header, shard_names)
 from .errors import Cancelled, Interrupted, MergeError, StopPoll
-from .methods import COPY, MATRIX, merged_delta
-from .methods.elementwise import is_elementwise, merge_elementwise
+from .kernels.elementwise import merge_elementwise
+from .methods.base import COPY, Op
 from .plan import Plan, TensorPlan, build_plan
 from .spec import MergeSpec
 from .storage import Storage, open_storage
@@ -215,15 +215,16 @@ def merge_one(inputs: Inputs, tp: TensorPlan, base: torch.Tensor | None, tensors
     and the buffers as read are released (``tensors`` is emptied) as soon as it is built.
     """
     spec = inputs.spec
+    method, p = spec.merge_method, spec.parameters
     out_dtype = DTYPES[tp.out.dtype][0]
     if tp.kind == COPY:
         return (base if base is not None else tensors[0]).to(out_dtype)
     if inputs.adapters:  # some task deltas are LoRA factors (or absent): adapters.py
         return merge_with_adapters(inputs, tp, base, tensors, device).to(dtype=out_dtype).cpu()
-    if is_elementwise(spec.method, tp.kind, MATRIX):
+    if method.operation(tp.kind, p) == Op.ELEMENTWISE:
         def check(b, stack):
             _check_finite(spec, tp.name, b, stack)
-        return merge_elementwise(spec.method, base, tensors, inputs.weights, spec.parameters,
+        return merge_elementwise(method.elementwise_rule(tp.kind, p), base, tensors, inputs.weights,
                                  compute_dtype=COMPUTE_DTYPE, device=device, out_dtype=out_dtype, check_finite=check)
     stack = torch.empty((len(tensors),) + tuple(tensors[0].shape), dtype=COMPUTE_DTYPE, device=device)
     for i, t in enumerate(tensors):
@@ -232,9 +233,9 @@ def merge_one(inputs: Inputs, tp: TensorPlan, base: torch.Tensor | None, tensors
     b = base.to(device=device, dtype=COMPUTE_DTYPE)
     _check_finite(spec, tp.name, b, stack)
     stack -= b  # D_t, in place
-    delta = merged_delta(spec.method, tp.kind, stack, inputs.weights.to(device), spec.parameters)
+    delta = method.dense_delta(tp.kind, stack, inputs.weights.to(device), p)
     del stack
-    merged = delta.mul_(spec.parameters.scale).add_(b)  # W0 + lam * D, as merge_tensor computes it
+    merged = delta.mul_(method.scale(p)).add_(b)  # W0 + lam * D, as merge_tensor computes it
     return merged.to(dtype=out_dtype).cpu()
 
 
@@ -245,6 +246,7 @@ def merged_tensors(inputs: Inputs, names: Iterable[str], device: torch.device,
 
     This is the unit a merge can be split into across workers.
     """
+    spec = inputs.spec
     plans = inputs.plan.by_name()
     order = [plans[n] for n in names]
     pool = ThreadPoolExecutor(max_workers=max(2, min(8, len(inputs.models) + 1)), thread_name_prefix="drmerge-read")
@@ -254,7 +256,7 @@ def merged_tensors(inputs: Inputs, names: Iterable[str], device: torch.device,
             tp = order[i]
             if tp.kind == COPY:
                 pending.append(pool.submit(inputs.read_copied, tp.name))
-            elif not inputs.adapters and is_elementwise(inputs.spec.method, tp.kind, MATRIX) \
+            elif not inputs.adapters and spec.merge_method.operation(tp.kind, spec.parameters) == Op.ELEMENTWISE \
                     and inputs.nbytes(tp.name) > LAZY_INPUT_BYTES:
                 pending.append(pool.submit(inputs.lazy, tp.name))
             else:

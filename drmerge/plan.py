@@ -12,7 +12,7 @@ from typing import Callable
 
 from .checkpoint import CODE_OF, CheckpointReader, OutTensor, TensorInfo, plan_shards
 from .errors import MergeError, StopPoll
-from .methods import COPY, MATRIX, VECTOR
+from .methods.base import COPY, MATRIX, VECTOR
 from .patterns import Matcher, compile_patterns
 from .spec import MergeSpec, Select
 
