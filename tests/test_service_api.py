@@ -81,6 +81,24 @@ def test_invalid_specs_are_422_invalid_spec_with_param(idle_stack, body, param):
     assert_problem(idle_stack.http.post("/v1/merges", json=body), 422, "invalid_spec", param)
 
 
+@pytest.mark.parametrize("method", ["drm", "ties", "task_arithmetic", "linear"])
+def test_parameters_of_another_method_are_422_naming_the_key(idle_stack, method):
+    """Every method validates its own parameters (drmerge/methods): one that belongs to
+    another method is refused, never ignored, for every method and every such key."""
+    from drmerge import methods
+
+    own = set(methods.get(method).Params.model_fields)
+    others = sorted({k for m in methods.all_methods() for k in m.Params.model_fields} - own)
+    assert others
+    sample = {"direction": "horizontal", "scale": 0.5, "sign_election": False, "disjoint_mean": False,
+              "renormalize": False}
+    for key in others:
+        body = {"spec": spec(method=method, parameters={key: sample.get(key, 0.5)})}
+        problem = assert_problem(idle_stack.http.post("/v1/merges", json=body), 422, "invalid_spec",
+                                 f"spec.parameters.{key}")
+        assert f"does not apply to method {method!r}" in problem["detail"], problem
+
+
 def test_base_model_is_optional_only_for_linear_and_adapter_output(idle_stack):
     """The engine's rule (spec.parse_spec), over HTTP: an adapter output (LoRA adapters
     merged into one adapter) needs no base; a full-output DRM merge does."""
