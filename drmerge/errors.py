@@ -34,7 +34,7 @@ class MergeError(Exception):
         self.message = message
         self.param = param
         # Set by a failed run whose output it could not remove (storage unavailable): the
-        # objects that may remain, for the caller to remove later (pipeline.discard_partial_output).
+        # objects that may remain, for the caller to remove later (output.discard_partial_output).
         # Not part of the error itself: the code and message stay the original failure's.
         self.cleanup_pending: list[str] = []
 

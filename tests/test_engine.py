@@ -17,7 +17,9 @@ from drmerge.cli import main
 from drmerge.errors import MergeError
 from drmerge import methods
 from drmerge.methods.base import MATRIX, VECTOR
-from drmerge.pipeline import Inputs, merged_tensors, run_merge
+from drmerge.execute import merged_tensors
+from drmerge.inputs import Inputs
+from drmerge.pipeline import run_merge
 from drmerge.spec import parse_spec
 
 from .factories import load_tensors, make_family

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from drmerge import methods
-from drmerge.execute import task_delta
+from drmerge.execute import task_stack
 from drmerge.kernels.decompose import lowrank_row_basis
 from drmerge.kernels.lowrank import LowRank, truncated, weighted_sum
-from drmerge.methods.base import MATRIX, Op
+from drmerge.methods.base import MATRIX
 from drmerge.methods.drm import DrmParams, drm_lowrank_delta, drm_matrix_delta
+from drmerge.spec import parse_spec
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,11 +133,14 @@ def test_linear_baselines_factored_and_mixed_inputs():
     want = (dense * w.double()[:, None, None]).sum(0)
     assert rel(weighted_sum(fs, (n, m), w).dense(), want) < 1e-12
     linear = methods.get("linear")
-    got = task_delta(linear, Op.LOWRANK, MATRIX, fs, (n, m), w, linear.Params())
+    got = linear.lowrank_delta(MATRIX, fs, (n, m), w, linear.Params())
     assert rel(got.dense(), want / w.sum()) < 1e-6  # weights are float32, as the pipeline passes them
-    # A dense delta among factored ones: the dense method on the materialised stack.
+    # A dense delta among factored ones: the dense method on the stack the executor materialises.
     mixed = [fs[0], torch.randn(n, m, dtype=torch.float64) * 0.1, fs[2]]
     stack = torch.stack([fs[0].dense(), mixed[1], fs[2].dense()])
     p = DrmParams(direction="horizontal")
-    got = task_delta(methods.get("drm"), Op.DENSE, MATRIX, mixed, (n, m), w, p)
+    models = parse_spec({"models": ["a", "b", "c"], "output": "o", "method": "linear"}).models
+    materialised = task_stack(models, "w", mixed, None, (n, m), torch.device("cpu"), torch.float64)
+    assert torch.equal(materialised, stack)
+    got = methods.get("drm").dense_delta(MATRIX, materialised, w, p)
     assert rel(got, drm_matrix_delta(stack, w.double(), p)) < 1e-12

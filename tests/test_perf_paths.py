@@ -154,7 +154,7 @@ def test_chunked_sign_fallback_spans_chunks(method):
 @pytest.mark.parametrize("method,params", [("ties", {}), ("drm", {}), ("drm", {"nonlinear_drop_rate": 0.3}),
                                            ("task_arithmetic", {}), ("linear", {})])
 def test_lazy_chunked_reads_give_the_same_checkpoint(tmp_path, monkeypatch, method, params):
-    from drmerge import pipeline
+    from drmerge import pipeline, plan
     from drmerge.kernels import elementwise
     from drmerge.spec import parse_spec
 
@@ -169,7 +169,7 @@ def test_lazy_chunked_reads_give_the_same_checkpoint(tmp_path, monkeypatch, meth
         return load_tensors(str(tmp_path / out))
 
     whole = merge("whole")
-    monkeypatch.setattr(pipeline, "LAZY_INPUT_BYTES", 0)  # every element-wise tensor read lazily...
+    monkeypatch.setattr(plan, "LAZY_INPUT_BYTES", 0)  # every element-wise tensor read lazily...
     monkeypatch.setattr(elementwise, "CHUNK_ELEMENTS", 100)  # ...in many small chunks
     lazy = merge("lazy")
     assert whole.keys() == lazy.keys()
