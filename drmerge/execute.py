@@ -82,6 +82,8 @@ def merge_one(inputs: "Inputs", tp: TensorPlan, base: torch.Tensor | None, tenso
 def _dense(inputs: "Inputs", tp: TensorPlan, base: torch.Tensor, tensors: list, device: torch.device) -> torch.Tensor:
     """``W0 + lam * D``, ``D`` the method's dense delta of the materialised task deltas."""
     method = inputs.method
+    if base is None:  # no method plans a dense merge without a base (needs_base)
+        raise MergeError("internal_error", f"tensor {tp.name!r} is planned dense but the merge has no base_model")
     b = _base(base, tp.name, device)
     if any(t is not None for t in tensors):
         stack = task_stack(inputs.spec.models, tp.name, tensors, b, tp.out.shape, device)

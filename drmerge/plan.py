@@ -114,7 +114,11 @@ def build_plan(spec: MergeSpec, reference: CheckpointReader, base: CheckpointRea
         if extra:
             warnings.append(f"{uri} holds {len(extra)} tensor(s) the base lacks; they are not merged: {_listing(extra)}")
     method = spec.merge_method
-    models_values = PerModel(weight=tuple(m.weight for m in spec.models))
+    # Per-model values: every model's weight, and each parameter the method takes per model
+    # (today the spec's global value for every model; issue #13 resolves them per model and
+    # per tensor here, and the hooks read them from TensorPlan.models unchanged).
+    models_values = PerModel(weight=tuple(m.weight for m in spec.models),
+                             values={k: (getattr(spec.parameters, k),) * len(spec.models) for k in method.per_model})
     readers = ([base] if base is not None else []) + list(models)
     interned: dict[tuple, tuple] = {}  # one tuple per distinct combination of sources
     plans = []

@@ -22,14 +22,18 @@ from drmerge.spec import parse_spec
 from .conftest import make_family
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = {"direction": "horizontal", "drop_rate": 0.5, "rank_threshold": 0.1, "scale": 0.5, "sign_election": False,
-          "disjoint_mean": False, "nonlinear_drop_rate": 0.5, "density": 0.5, "renormalize": False}
+METHODS = list(methods.names())  # every registered method: a new one is tested here too
 
 
 def foreign(method) -> list[str]:
     """Every parameter some other registered method takes and ``method`` does not."""
     own = set(method.Params.model_fields)
     return sorted({k for m in methods.all_methods() for k in m.Params.model_fields} - own)
+
+
+def sample(key: str):
+    """A valid value of parameter ``key`` for a method that takes it (its default)."""
+    return next(m.Params().model_dump()[key] for m in methods.all_methods() if key in m.Params.model_fields)
 
 
 def spec_for(method: str, **kw) -> dict:
@@ -46,21 +50,21 @@ def test_every_method_module_is_registered_once():
         assert m.Params.model_config["extra"] == "forbid" and m.summary
 
 
-@pytest.mark.parametrize("name", ["drm", "ties", "task_arithmetic", "linear"])
+@pytest.mark.parametrize("name", METHODS)
 def test_a_parameter_of_another_method_is_invalid_spec_naming_it(name):
     method = methods.get(name)
     keys = foreign(method)
-    assert keys or name == "drm" and keys == ["density"]
+    assert keys
     for key in keys:
         with pytest.raises(MergeError) as err:
-            parse_spec(spec_for(name, parameters={key: SAMPLE[key]}))
+            parse_spec(spec_for(name, parameters={key: sample(key)}))
         assert err.value.code == "invalid_spec" and err.value.param == f"parameters.{key}"
         assert f"does not apply to method {name!r}" in err.value.message, err.value.message
     # ...also among parameters that do apply: the foreign one is named, nothing is dropped
-    own = {k: SAMPLE[k] for k in method.Params.model_fields}
+    own = method.Params().model_dump()
     for key in keys:
         with pytest.raises(MergeError) as err:
-            parse_spec(spec_for(name, parameters={**own, key: SAMPLE[key]}))
+            parse_spec(spec_for(name, parameters={**own, key: sample(key)}))
         assert err.value.param == f"parameters.{key}"
 
 
@@ -88,11 +92,11 @@ def test_the_issue_example_and_messages_say_what_is_allowed():
         assert err.value.param == message.split(":")[0]
 
 
-@pytest.mark.parametrize("name", ["drm", "ties", "task_arithmetic", "linear"])
+@pytest.mark.parametrize("name", METHODS)
 def test_validate_cli_refuses_foreign_parameters(name, tmp_path, capsys):
     for key in foreign(methods.get(name)):
         path = tmp_path / f"{key}.json"
-        path.write_text(json.dumps(spec_for(name, parameters={key: SAMPLE[key]})))
+        path.write_text(json.dumps(spec_for(name, parameters={key: sample(key)})))
         assert main(["validate", str(path), "--json"]) == 1
         error = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
         assert error["code"] == "invalid_spec" and error["param"] == f"parameters.{key}"
@@ -110,7 +114,7 @@ def test_validate_in_its_own_process_exits_non_zero_naming_the_key(tmp_path):
         "error: invalid_spec: parameters.drop_rate: does not apply to method 'task_arithmetic'")
 
 
-@pytest.mark.parametrize("name", ["drm", "ties", "task_arithmetic", "linear"])
+@pytest.mark.parametrize("name", METHODS)
 def test_to_dict_holds_the_methods_own_parameters_with_defaults(name):
     spec = parse_spec(spec_for(name))
     params = spec.to_dict()["parameters"]
@@ -128,10 +132,9 @@ def test_the_api_schema_is_generated_from_the_registry():
     validator = jsonschema.Draft202012Validator(schema)
     s3 = {"base_model": "s3://bkt-x/b/", "models": ["s3://bkt-x/a/"], "output": "s3://bkt-x/o/"}
     for m in methods.all_methods():
-        own = {k: SAMPLE[k] for k in m.Params.model_fields}
-        assert validator.is_valid(dict(s3, method=m.name, parameters=own)), m.name
+        assert validator.is_valid(dict(s3, method=m.name, parameters=m.Params().model_dump())), m.name
         for key in foreign(m):
-            assert not validator.is_valid(dict(s3, method=m.name, parameters={key: SAMPLE[key]})), (m.name, key)
+            assert not validator.is_valid(dict(s3, method=m.name, parameters={key: sample(key)})), (m.name, key)
     assert validator.is_valid(dict(s3, parameters={"drop_rate": 0.5}))  # no method: the default's parameters
     assert not validator.is_valid(dict(s3, parameters={"density": 0.5}))
 
@@ -148,7 +151,8 @@ def test_registry_spec_and_schema_never_import_torch():
 
 
 NEW_METHOD = '''
-"""A method added as one file: the plain mean of the task deltas, scaled."""
+"""A method added as one file: the mean of the task deltas, each trimmed to its top
+``keep`` magnitudes (a parameter given per model), scaled."""
 from pydantic import Field
 
 from drmerge.methods.base import Divide, ElementwiseRule, MergeMethod, Params, Sign
@@ -156,15 +160,18 @@ from drmerge.methods.base import Divide, ElementwiseRule, MergeMethod, Params, S
 
 class MeanParams(Params):
     scale: float = Field(1.0)
+    keep: float = Field(1.0, gt=0.0, le=1.0)
 
 
 class Mean(MergeMethod):
     name = "mean_of_deltas"
     Params = MeanParams
-    summary = "W0 + lam * mean_t D_t."
+    summary = "W0 + lam * mean_t top_keep(D_t)."
+    per_model = ("keep",)
 
     def elementwise_rule(self, kind, params, models=None):
-        return ElementwiseRule(sign=Sign.NONE, divide=Divide.MODELS, scale=params.scale)
+        keep = models["keep"] if models is not None else params.keep
+        return ElementwiseRule(keep=keep, sign=Sign.NONE, divide=Divide.MODELS, scale=params.scale)
 
 
 METHOD = Mean()
@@ -193,12 +200,19 @@ def test_a_new_method_is_one_file(tmp_path, monkeypatch):
         parse_spec(spec_for("mean_of_deltas", parameters={"density": 0.5}))
     assert err.value.param == "parameters.density"
     family = make_family(str(tmp_path / "ckpt"), n_models=2)
-    out = str(tmp_path / "merged")
-    merge({"base_model": family["base"], "models": [family["ft-1"], family["ft-2"]], "method": "mean_of_deltas",
-           "parameters": {"scale": 0.5}, "output": out}, device="cpu")
-    got, base = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(family["base"],
-                                                                                          "model.safetensors"))
+    spec = {"base_model": family["base"], "models": [family["ft-1"], family["ft-2"]], "method": "mean_of_deltas",
+            "parameters": {"scale": 0.5, "keep": 0.5}, "output": str(tmp_path / "merged")}
+    from drmerge.inputs import Inputs
+    from drmerge.kernels.topk import keep_top_magnitudes
+
+    inputs = Inputs(parse_spec(spec))
+    merged = [tp for tp in inputs.plan.tensors if tp.params is not None]
+    inputs.close()
+    assert merged and all(tp.models.values == {"keep": (0.5, 0.5)} for tp in merged)  # the per-model seam
+    merge(spec, device="cpu")
+    got = load_file(os.path.join(spec["output"], "model.safetensors"))
+    base = load_file(os.path.join(family["base"], "model.safetensors"))
     fts = [load_file(os.path.join(family[f"ft-{i}"], "model.safetensors")) for i in (1, 2)]
     for name, b in base.items():
-        want = b + 0.5 * ((fts[0][name] - b) + (fts[1][name] - b)) / 2
-        assert torch.allclose(got[name], want, atol=1e-6), name
+        kept = [keep_top_magnitudes(ft[name] - b, 0.5) for ft in fts]
+        assert torch.allclose(got[name], b + 0.5 * (kept[0] + kept[1]) / 2, atol=1e-6), name
