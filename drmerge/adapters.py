@@ -1,8 +1,8 @@
 """PEFT LoRA adapters as merge inputs: config parsing, tensor-name mapping, validation.
 
 An adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, local or
-S3) contributes, for every module it adapts, the delta ``scaling * B @ A`` (DESIGN.md
-s.3, "LoRA inputs"), with ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) and
+S3) contributes, for every module it adapts, the delta ``scaling * B @ A`` (docs/DESIGN.md,
+"LoRA inputs and the low-rank path"), with ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) and
 ``r``/``alpha`` taken per module from ``rank_pattern``/``alpha_pattern`` the way PEFT
 itself resolves them. Every module it does not touch has a zero delta for that task.
 
@@ -76,7 +76,7 @@ BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
 def is_adapter_dir(storage: Storage) -> bool:
-    """Adapters are recognized by their config file (DESIGN.md s.4: same spec format)."""
+    """Adapters are recognized by their config file (docs/DESIGN.md, "The spec": one spec format)."""
     return ADAPTER_CONFIG in storage.list_files()
 
 

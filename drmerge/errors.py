@@ -1,4 +1,4 @@
-"""The one error type the engine raises, with the stable codes of DESIGN.md section 6.
+"""The one error type the engine raises, with the stable codes of docs/DESIGN.md ("Errors").
 
 Every failure a user can cause or meet maps to one of these codes; the CLI prints it,
 the service stores it on the job and returns it in problem+json. Anything else that

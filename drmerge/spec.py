@@ -111,16 +111,12 @@ def _check_keys(data, allowed, where: str):
         _fail(f"{prefix}{unknown[0]}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
-def _number(value, param: str, lo: float | None = None, hi: float | None = None,
-            lo_open=False, hi_open=False) -> float:
+def _number(value, param: str) -> float:
+    """A finite number (an int is taken as a float; a bool is not a number). The methods'
+    own parameters are checked by their parameter classes (drmerge/methods)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         _fail(param, f"must be a finite number, got {value!r}")
-    v = float(value)
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        _fail(param, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
-    if hi is not None and (v > hi or (hi_open and v == hi)):
-        _fail(param, f"must be {'<' if hi_open else '<='} {hi}, got {v}")
-    return v
+    return float(value)
 
 
 def _bool(value, param: str) -> bool:

@@ -173,7 +173,7 @@ def test_single_model_drm_keeps_its_dominant_structure():
 
 
 def test_large_matrix_error_is_no_worse_than_float32_svd():
-    """docs/DESIGN.md (DRM, precision): on large matrices, error vs float64 <= that of a float32 SVD of the stack."""
+    """docs/DESIGN.md ("Precision of the decomposition"): on large matrices, error vs float64 <= that of a float32 SVD of the stack."""
     shape, t = (192, 384), 4
     deltas = task_deltas(shape, t, seed=21, rank=8, noise=0.2)
     stack64 = [np.asarray(torch.tensor(d, dtype=torch.float32).double()) for d in deltas]

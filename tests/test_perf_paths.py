@@ -32,7 +32,7 @@ def chunked(method, kind, base, tensors, weights, p, **kw):
 
 
 def f64_drm(deltas: torch.Tensor, direction: str = "vertical", drop_rate: float = 0.8, rho: float = 0.01):
-    """docs/DESIGN.md's DRM steps 2-9 literally, float64 SVD of the stack, weights 1."""
+    """docs/DESIGN.md ("DRM, step by step") steps 2-9 literally, float64 SVD of the stack, weights 1."""
     d = deltas.double()
     t, n, m = d.shape
     if direction == "horizontal":

@@ -1,5 +1,5 @@
 """DRM's step 2, the joint decomposition of a stack of task deltas, dense or factored
-(docs/DESIGN.md, "DRM" and "Precision of the decomposition").
+(docs/DESIGN.md, "DRM, step by step" and "Precision of the decomposition").
 
 Both return what DRM's later steps need, never the full SVD: the per-task *loadings*
 ``P_t = D_t V = U_t diag(s)`` (T, n, r) and the shared right basis ``V`` (m, r), keeping
