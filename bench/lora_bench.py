@@ -73,14 +73,13 @@ def one(path: str, module: str, repeats: int) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
 
-    from drmerge.methods.drm import drm_matrix_delta
-    from drmerge.methods.drm_lowrank import LowRank, drm_lowrank_delta, truncated
-    from drmerge.spec import Parameters
+    from drmerge.kernels.lowrank import LowRank, truncated
+    from drmerge.methods.drm import DrmParams, drm_lowrank_delta, drm_matrix_delta
 
     shape = SHAPES[module]
     raw = synthetic_factors(shape, seed=hash(module) % 1000)
     weights = torch.ones(T)
-    p = Parameters()
+    p = DrmParams()
     scaling = ALPHA / RANK
 
     def lowrank():

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from drmerge import pipeline
+from drmerge import execute, pipeline
+from drmerge.inputs import Inputs, LazyTensor
 from drmerge.checkpoint import DTYPES
 from drmerge.spec import parse_spec
 
@@ -41,8 +42,8 @@ def _spec(base: str, models: list[str], out: str, method: str, **params):
 def _passthrough(inputs, tp, base, tensors, device):
     """No merge: the output is the base; lazily read inputs are still read, chunk by chunk."""
     first = base if base is not None else tensors[0]
-    if isinstance(first, pipeline.LazyTensor):
-        from drmerge.methods.elementwise import CHUNK_ELEMENTS
+    if isinstance(first, LazyTensor):
+        from drmerge.kernels.elementwise import CHUNK_ELEMENTS
 
         for t in ([base] if base is not None else []) + list(tensors):
             for a in range(0, t.numel(), CHUNK_ELEMENTS):
@@ -52,23 +53,23 @@ def _passthrough(inputs, tp, base, tensors, device):
 
 
 def io_alone(spec, s3_options=None) -> dict:
-    original = pipeline.merge_one
-    pipeline.merge_one = _passthrough
+    original = execute.merge_one
+    execute.merge_one = _passthrough
     try:
         r = pipeline.run_merge(spec, device="cpu", s3_options=s3_options)
     finally:
-        pipeline.merge_one = original
+        execute.merge_one = original
     return {"seconds": r.seconds, "timings": r.timings, "bytes_read": r.bytes_read, "bytes_written": r.bytes_written}
 
 
 def compute_alone(spec, s3_options=None) -> dict:
-    inputs = pipeline.Inputs(spec, s3_options)
+    inputs = Inputs(spec, s3_options)
     total = 0.0
     try:
         for tp in inputs.plan.tensors:
             base, tensors = inputs.read(tp.name)
             t0 = time.perf_counter()
-            pipeline.merge_one(inputs, tp, base, tensors, torch.device("cpu"))
+            execute.merge_one(inputs, tp, base, tensors, torch.device("cpu"))
             total += time.perf_counter() - t0
     finally:
         inputs.close()

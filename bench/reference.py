@@ -1,4 +1,4 @@
-"""An independent, literal float64 DRM (DESIGN.md s.3 steps 2-9 via a float64 SVD of the stack).
+"""An independent, literal float64 DRM (docs/DESIGN.md, "DRM, step by step", steps 2-9 via a float64 SVD of the stack).
 
 Used by the bench to measure every implementation's error against exact arithmetic.
 It shares no code with the engine on purpose.

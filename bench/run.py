@@ -118,10 +118,7 @@ def sample_errors(manifest: dict, names: list[str], direction: str, outputs: dic
     """Relative Frobenius error of the merged delta against a float64 reference, for a
     sample of matrices: in-process for the two algorithms (engine vs dense float32 SVD),
     and from the written outputs (which adds the output dtype's rounding)."""
-    from dataclasses import replace
-
-    from drmerge.methods.drm import drm_matrix_delta
-    from drmerge.spec import Parameters
+    from drmerge.methods.drm import DrmParams, drm_matrix_delta
 
     from .baselines.dense_drm import drm_dense
     from .reference import drm_reference
@@ -129,7 +126,7 @@ def sample_errors(manifest: dict, names: list[str], direction: str, outputs: dic
     base = read_tensors(manifest["base"], names)
     models = [read_tensors(m, names) for m in manifest["models"]]
     files = {k: read_tensors(v, names) for k, v in outputs.items()}
-    p = replace(Parameters(), direction=direction)
+    p = DrmParams(direction=direction)
     rows = []
     for n in names:
         w0 = base[n].float()

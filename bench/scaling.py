@@ -44,10 +44,9 @@ def point(t: int, n: int, m: int, who: str) -> dict:
     before = _hwm_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     if who == "drmerge":
-        from drmerge.methods.drm import drm_matrix_delta
-        from drmerge.spec import Parameters
+        from drmerge.methods.drm import DrmParams, drm_matrix_delta
 
-        drm_matrix_delta(deltas, torch.ones(t), Parameters())
+        drm_matrix_delta(deltas, torch.ones(t), DrmParams())
     else:
         from .baselines.dense_drm import drm_dense
 

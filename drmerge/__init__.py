@@ -1,15 +1,14 @@
 """drmerge: merge fine-tuned models into one multitask model with DRM (Decom-Renorm-Merge).
 
-``drmerge.merge(spec)`` runs a merge from a spec mapping (DESIGN.md s.4) or a parsed
-``MergeSpec``; failures raise ``MergeError`` carrying a stable ``code``.
+``drmerge.merge(spec)`` runs a merge from a spec mapping (docs/DESIGN.md, "The spec") or a
+parsed ``MergeSpec``; failures raise ``MergeError`` carrying a stable ``code``.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .errors import MergeError  # noqa: E402
-from .spec import MergeSpec, parse_spec  # noqa: E402
+from .errors import MergeError
+from .spec import MergeSpec, parse_spec
+from .version import __version__
 
 
 def merge(spec, **kwargs):

@@ -1,7 +1,7 @@
 """``output_format: adapter``: merge LoRA adapters into one new PEFT LoRA adapter.
 
 Every adapted module's merged delta (the same ``D`` a full output adds to the base,
-times ``lam``) is truncated to rank ``r`` by SVD (``methods.drm_lowrank.truncated``: for
+times ``lam``) is truncated to rank ``r`` by SVD (``kernels.lowrank.truncated``: for
 DRM the delta is already factored as ``M V^T``, so this never forms it densely) and
 written as ``lora_B`` (out x r) and ``lora_A`` (r x in) with ``lora_alpha = r``, i.e.
 scaling 1. ``drmerge.json`` records, per module and overall, the fraction of the merged
@@ -28,14 +28,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import __version__
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterReader, task_deltas
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterReader
 from .checkpoint import CODE_OF, DTYPES, OutTensor, ShardWriter, shard_header
 from .errors import Cancelled, Interrupted, MergeError
-from .methods import COPY
-from .methods.drm_lowrank import LowRank, dense_to_lowrank, mixed_merged_delta, truncated
+from .execute import module_delta, resolve_device
+from .inputs import Inputs
+from .kernels.lowrank import LowRank, truncated
+from .methods.base import COPY
+from .output import OutputTransaction
+from .result import MergeResult, Progress, adapter_summary
 from .spec import MergeSpec
-from .storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -147,31 +149,22 @@ def plan_adapter_output(spec: MergeSpec, inputs) -> AdapterPlan:
 def merged_module(inputs, tp, factors: list, device: torch.device, rank: int) -> tuple[LowRank, float, float]:
     """Rank-``rank`` factors of ``lam * D`` for one module (base orientation), with the
     energy kept and total."""
-    spec = inputs.spec
-    p = spec.parameters
-    deltas = task_deltas(inputs, tp.name, None, factors, device)
-    delta = mixed_merged_delta(spec.method, tp.kind, deltas, tp.out.shape, inputs.weights.to(device), p)
-    if isinstance(delta, torch.Tensor):  # a method without a factored form: SVD of the dense result
-        delta = dense_to_lowrank(delta.reshape(tp.out.shape))
-    approx, kept, total = truncated(delta, rank)
-    scale = 1.0 if spec.method == "linear" else p.scale
+    approx, kept, total = truncated(module_delta(inputs, tp, factors, device), rank)
+    scale = inputs.method.scale(tp.params)
     return LowRank(approx.left * scale, approx.right), kept, total
 
 
 def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, should_cancel=None,
                       s3_options: dict | None = None, completed_shards: list[dict] | None = None,
                       on_shard=None, should_pause=None, owns_output=None):
-    """``pipeline.run_merge`` for ``output_format: adapter``: same contract, hooks and cleanup.
+    """``pipeline.run_merge`` for ``output_format: adapter``: same contract, hooks and output
+    transaction (output.py).
 
     One difference: the adapter is one small file written at the end, so there are no
     shards to keep. A resumed run (``completed_shards`` given) returns an output already
     complete for this spec, else starts over; a pause keeps nothing. Committed files are
     still reported through ``on_shard`` so an abandoned run's leftovers can be removed.
     """
-    from .pipeline import (MARKER, Inputs, MergeResult, Progress, _file_entry, _finished_or_preflight, _raise_failure,
-                           _remove_empty_local_dir, _remove_stale_weights, adapter_summary, keep_output_after_failure,
-                           plan_fingerprint, remove_partial_output, resolve_device)
-
     started = time.perf_counter()
     created_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
     dev = resolve_device(device)
@@ -190,23 +183,20 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
 
     report("planning")
     inputs = Inputs(spec, s3_options, should_stop=check_stop)
-    out = open_storage(spec.output, s3_options)
+    try:
+        tx = OutputTransaction(spec, s3_options, completed_shards=completed_shards, on_shard=on_shard,
+                               should_pause=should_pause, owns_output=owns_output, resumable=False)
+    except BaseException:
+        inputs.close()
+        raise
     writer: ShardWriter | None = None
-    written: list[str] = []
     timings = {"plan_s": 0.0, "read_wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "total_s": 0.0}
     try:
-        done = _finished_or_preflight(spec, out, dev, resuming=completed_shards is not None)
+        done = tx.start(dev)
         if done is not None:
             report("done")
             return done
-        if completed_shards is not None:
-            out.abort_stale_writes()
-        fingerprint = plan_fingerprint(spec, inputs)
-
-        def record(entry: dict) -> None:
-            if on_shard is not None:
-                on_shard(dict(entry, plan=fingerprint))
-
+        tx.resume(inputs.fingerprint())
         warnings = list(inputs.plan.warnings)
         for warning in warnings:
             log.warning(warning)
@@ -214,10 +204,9 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
         modules, rank, ranks, out_dtype, planned = ap.modules, ap.rank, ap.ranks, DTYPES[ap.dtype][0], ap.tensors
         timings["plan_s"] = time.perf_counter() - started
         state.tensors_total = len(modules)
-        if spec.overwrite:
-            out.delete(MARKER)
+        tx.begin()
         report("merging")
-        writer = ShardWriter(out, ADAPTER_WEIGHTS, planned)
+        writer = ShardWriter(tx.out, ADAPTER_WEIGHTS, planned)
         energy: dict[str, dict] = {}
         kept_sum = total_sum = 0.0
         for tp, key, n_out, n_in, fifo in modules:
@@ -251,17 +240,10 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
             report()
         report("finalizing")
         files = [writer.commit()]
-        written.append(ADAPTER_WEIGHTS)
         writer = None
-        record(files[0])
+        tx.committed(files[0])
         config = adapter_config(spec, inputs.adapters, modules, rank, ranks, warnings)
-        data = json.dumps(config, indent=2).encode()
-        out.write_bytes(ADAPTER_CONFIG, data)
-        written.append(ADAPTER_CONFIG)
-        files.append(_file_entry(ADAPTER_CONFIG, data))
-        record(files[-1])
-        if spec.overwrite:
-            _remove_stale_weights(out, {f["name"] for f in files})
+        files.append(tx.write(ADAPTER_CONFIG, json.dumps(config, indent=2).encode(), report=True))
         seconds = time.perf_counter() - started
         timings["total_s"] = seconds
         result = MergeResult(output=spec.output, files=files, tensors=len(planned), bytes_read=state.bytes_read,
@@ -270,24 +252,13 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
                              resumed={"shards_kept": 0, "tensors_skipped": 0} if completed_shards is not None else None)
         adapter = {"rank": rank, "energy_kept": kept_sum / total_sum if total_sum > 0 else 1.0, "modules": energy}
         result.adapter = adapter_summary(adapter)
-        marker = {"spec": spec.to_dict(), "engine": {"name": "drmerge", "version": __version__},
-                  "created_at": created_at, "device": str(dev), "files": files, "tensors": len(planned),
-                  "adapter": adapter, "timings": result.timings, "warnings": warnings}
-        out.write_bytes(MARKER, json.dumps(marker, indent=2).encode())
+        tx.finish(result, created_at, {"adapter": adapter})
         report("done")
         return result
     except BaseException as e:
         if writer is not None:
             writer.abort()
-        paused = keep_output_after_failure(e, should_pause, owns_output)
-        if paused:  # as run_merge: what is committed may belong to a newer attempt; keep it
-            _remove_empty_local_dir(out)
-            if isinstance(e, Interrupted):
-                raise
-            raise Interrupted(f"the merge stopped while a pause was requested ({e})", kept=0) from e
-        left = remove_partial_output(out, written)
-        _remove_empty_local_dir(out)
-        _raise_failure(e, left)
+        tx.fail(e)
     finally:
         inputs.close()
-        out.close()
+        tx.close()

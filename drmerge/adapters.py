@@ -1,8 +1,8 @@
 """PEFT LoRA adapters as merge inputs: config parsing, tensor-name mapping, validation.
 
 An adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, local or
-S3) contributes, for every module it adapts, the delta ``scaling * B @ A`` (DESIGN.md
-s.3, "LoRA inputs"), with ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) and
+S3) contributes, for every module it adapts, the delta ``scaling * B @ A`` (docs/DESIGN.md,
+"LoRA inputs and the low-rank path"), with ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) and
 ``r``/``alpha`` taken per module from ``rank_pattern``/``alpha_pattern`` the way PEFT
 itself resolves them. Every module it does not touch has a zero delta for that task.
 
@@ -24,10 +24,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .checkpoint import DTYPES, TensorInfo, parse_header
+from .checkpoint import DTYPES, Source, TensorInfo, parse_header
 from .errors import MergeError, StopPoll
-from .methods.drm_lowrank import LowRank
+from .kernels.lowrank import LowRank
+from .methods.base import COPY
 from .patterns import Matcher, Pattern, compile_pattern, compile_patterns
+from .plan import build_plan
 from .storage import Storage
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -74,7 +76,7 @@ BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
 def is_adapter_dir(storage: Storage) -> bool:
-    """Adapters are recognized by their config file (DESIGN.md s.4: same spec format)."""
+    """Adapters are recognized by their config file (docs/DESIGN.md, "The spec": one spec format)."""
     return ADAPTER_CONFIG in storage.list_files()
 
 
@@ -119,6 +121,8 @@ def pattern_key(patterns, module_key: str, matcher: Matcher | None = None) -> st
 
 class AdapterReader:
     """One PEFT LoRA adapter: validated config and factors, mapped onto base tensor names."""
+
+    is_adapter = True
 
     def __init__(self, storage: Storage, label: str, param: str | None = None, poll=None):
         self.storage = storage
@@ -414,6 +418,12 @@ class AdapterReader:
         copies = [[n, i.start, i.length, i.dtype] for n, i in sorted(self.layer_copies.items())]
         return json.dumps([self.storage.uri, self.config, factors, copies], sort_keys=True, default=str)
 
+    def source(self, name: str) -> Source:
+        """How ``read(name)`` gives this tensor (set by ``bind`` and ``check_base_layers``)."""
+        if name not in self.by_name:
+            return Source.ABSENT
+        return Source.LAYER if name in self.layer_copies else Source.FACTORED
+
     def nbytes(self, name: str) -> int:
         mod = self.by_name.get(name)
         copy = self.layer_copies.get(name)
@@ -467,16 +477,13 @@ class AdapterReference:
 
 def plan_with_adapters(spec, base, models: list, uris: list[str], poll=None):
     """Validate a spec whose inputs include adapters (or whose output is an adapter) and
-    return ``(reference, plan)`` for ``pipeline.Inputs``.
+    return ``(reference, plan)`` for ``inputs.Inputs``.
 
     Full output needs the base (the adapters' deltas are added to it); the full models
     among the inputs are checked against it as usual. Adapter output needs every input to
     be an adapter, and the base only for its shapes: without one, the adapters must agree
     with each other, and only the modules they adapt are planned.
     """
-    from .methods import COPY
-    from .plan import build_plan
-
     adapters = [m for m in models if isinstance(m, AdapterReader)]
     if spec.output_format == "adapter":
         full = [i for i, m in enumerate(models) if not isinstance(m, AdapterReader)]
@@ -498,8 +505,7 @@ def plan_with_adapters(spec, base, models: list, uris: list[str], poll=None):
     if base is None:
         dtypes = {a.dtype for a in adapters}
         reference = AdapterReference(shapes, dtypes.pop() if len(dtypes) == 1 else "F32")
-    dense = [(u, m) for u, m in zip(uris, models) if not isinstance(m, AdapterReader)]
-    plan = build_plan(spec, reference, [m for _, m in dense], [u for u, _ in dense], poll)
+    plan = build_plan(spec, reference, base, models, uris, poll)
     kinds = {tp.name: tp.kind for tp in plan.tensors}
     for ad in adapters:
         ignored = [n for n in ad.by_name if kinds.get(n) == COPY]
@@ -507,47 +513,3 @@ def plan_with_adapters(spec, base, models: list, uris: list[str], poll=None):
             plan.warnings.append(f"{ad.label} adapts {len(ignored)} tensor(s) that select.ignore (or a non-float "
                                  f"dtype) keeps at the base value; their deltas are not merged: {', '.join(ignored[:5])}")
     return reference, plan
-
-
-# ---------------------------------------------------------------------------- merging
-
-
-def task_deltas(inputs, name: str, base: torch.Tensor | None, tensors: list, device: torch.device,
-                dtype: torch.dtype = torch.float32) -> list:
-    """Per-task deltas of one tensor on ``device``: ``LowRank`` for adapters, ``W_t - W0``
-    for full models, ``None`` where an adapter leaves the tensor alone. Checks finiteness
-    and names the model at fault."""
-    b = base.to(device=device, dtype=dtype) if base is not None else None
-    if b is not None and not bool(torch.isfinite(b).all()):
-        raise MergeError("non_finite_weights", f"base_model has NaN or Inf values in tensor {name!r}", param="base_model")
-    out = []
-    for i, (entry, t) in enumerate(zip(inputs.spec.models, tensors)):
-        if t is None:
-            out.append(None)
-            continue
-        d = t.to(device=device, dtype=dtype)
-        finite = bool(torch.isfinite(d.left).all() and torch.isfinite(d.right).all()) if isinstance(d, LowRank) \
-            else bool(torch.isfinite(d).all())
-        if not finite:
-            raise MergeError("non_finite_weights", f"models[{i}] ({entry.model}) has NaN or Inf values in "
-                             f"{'the LoRA factors of ' if isinstance(d, LowRank) else ''}tensor {name!r}",
-                             param=f"models[{i}]")
-        out.append(d if isinstance(d, LowRank) else d - b)
-    return out
-
-
-def merge_with_adapters(inputs, tp, base: torch.Tensor, tensors: list, device: torch.device) -> torch.Tensor:
-    """``pipeline.merge_one`` for a tensor when some inputs are adapters (full output):
-    ``W0 + lam * D``, with ``D`` from the low-rank path when every task delta is
-    factored, else from the dense one on materialised deltas."""
-    from .methods.drm_lowrank import mixed_merged_delta
-
-    spec = inputs.spec
-    deltas = task_deltas(inputs, tp.name, base, tensors, device)
-    if all(d is None for d in deltas):  # no model changes this tensor
-        return base
-    delta = mixed_merged_delta(spec.method, tp.kind, deltas, tuple(base.shape), inputs.weights.to(device), spec.parameters)
-    if isinstance(delta, LowRank):
-        delta = delta.dense(torch.float32)
-    scale = 1.0 if spec.method == "linear" else spec.parameters.scale  # as merge_tensor: linear has no lam
-    return base.to(device=device, dtype=torch.float32) + scale * delta.to(torch.float32).reshape(base.shape)

@@ -12,6 +12,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
@@ -43,6 +44,15 @@ CODE_OF = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 TORCH_CODE = {v[0]: k for k, v in DTYPES.items()}
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+class Source(StrEnum):
+    """How one input holds one tensor of the plan (``source(name)`` of a reader)."""
+
+    FULL = "full"  # a full checkpoint's weights: the task delta is W_t - W0
+    FACTORED = "factored"  # LoRA factors: the task delta is scaling * B_t @ A_t
+    LAYER = "layer"  # an adapter's own copy of the layer plus its LoRA delta: full weights
+    ABSENT = "absent"  # the input leaves the tensor alone: a zero delta
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,8 @@ def _safe_shard_name(storage: Storage, index_file: str, name) -> str:
 class CheckpointReader:
     """Tensor directory of one checkpoint (single file or sharded); reads one tensor at a time."""
 
+    is_adapter = False
+
     def __init__(self, storage: Storage, poll=None):
         self.storage = storage
         self.poll = poll or StopPoll()  # cancel and time limit, asked while the headers are read
@@ -197,6 +209,12 @@ class CheckpointReader:
 
     def names(self) -> list[str]:
         return list(self.tensors)
+
+    def source(self, name: str) -> Source:
+        return Source.FULL if name in self.tensors else Source.ABSENT
+
+    def nbytes(self, name: str) -> int:
+        return self.tensors[name].length
 
     def read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]

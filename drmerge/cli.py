@@ -118,7 +118,7 @@ def register(sub) -> None:
 
 def new_parser(description: str) -> tuple[argparse.ArgumentParser, object]:
     """The ``drmerge`` parser with ``--version`` and an empty set of subcommands."""
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="drmerge", description=description)
     parser.add_argument("--version", action="version", version=f"drmerge {__version__}")

@@ -1,4 +1,4 @@
-"""The one error type the engine raises, with the stable codes of DESIGN.md section 6.
+"""The one error type the engine raises, with the stable codes of docs/DESIGN.md ("Errors").
 
 Every failure a user can cause or meet maps to one of these codes; the CLI prints it,
 the service stores it on the job and returns it in problem+json. Anything else that
@@ -34,7 +34,7 @@ class MergeError(Exception):
         self.message = message
         self.param = param
         # Set by a failed run whose output it could not remove (storage unavailable): the
-        # objects that may remain, for the caller to remove later (pipeline.discard_partial_output).
+        # objects that may remain, for the caller to remove later (output.discard_partial_output).
         # Not part of the error itself: the code and message stay the original failure's.
         self.cleanup_pending: list[str] = []
 

@@ -485,7 +485,7 @@ class _S3Writer(ObjectWriter):
                     return
                 # abort() runs on failure paths: raising here would hide the original error.
                 # The parts stay invisible to readers; the storage remembers the name, so
-                # the run's cleanup reports it (pipeline.remove_partial_output) and a later
+                # the run's cleanup reports it (output.remove_partial_output) and a later
                 # one aborts it (abort_stale_writes); a bucket lifecycle rule
                 # (AbortIncompleteMultipartUpload) is the last resort.
                 self.s._unaborted.add(self.name)

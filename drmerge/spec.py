@@ -1,7 +1,10 @@
-"""The merge spec: one format for the CLI, the Python API and the HTTP API (DESIGN.md s.4).
+"""The merge spec: one format for the CLI, the Python API and the HTTP API (docs/DESIGN.md,
+"The spec").
 
 Parsing is strict: an unknown key anywhere is an error naming its path, and every value
 is checked here, once, so the engine, the CLI and the service agree on what is valid.
+``method`` names a method of the registry (drmerge/methods), whose parameter class
+validates ``parameters``: a parameter of another method is refused, never ignored.
 This module is pure Python on purpose: the API process validates specs without torch.
 """
 
@@ -13,12 +16,12 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from . import locations
+from . import locations, methods
 from .errors import MergeError
+from .methods.base import MergeMethod, Params
 from .patterns import MAX_PATTERN_LENGTH, MAX_PATTERN_SIZE, compile_patterns  # noqa: F401 (re-exported)
 
-METHODS = ("drm", "ties", "task_arithmetic", "linear")
-DIRECTIONS = ("vertical", "horizontal")
+DEFAULT_METHOD = "drm"
 DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16",
                   "half": "float16", "bf16": "bfloat16"}
@@ -43,20 +46,6 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
-class Parameters:
-    direction: str = "vertical"
-    drop_rate: float = 0.8
-    rank_threshold: float = 0.01
-    scale: float = 1.0
-    sign_election: bool = True
-    disjoint_mean: bool = True
-    nonlinear_drop_rate: float = 0.0
-    density: float = 0.2
-    # Research option (ablation): skip DRM's renormalization step (step 3).
-    renormalize: bool = True
-
-
-@dataclass(frozen=True)
 class Select:
     linear: tuple[str, ...] = DEFAULT_LINEAR
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
@@ -68,8 +57,8 @@ class MergeSpec:
     models: tuple[ModelEntry, ...]
     output: str
     base_model: str | None = None
-    method: str = "drm"
-    parameters: Parameters = field(default_factory=Parameters)
+    method: str = DEFAULT_METHOD
+    parameters: Params | None = None  # the method's Params (None: its defaults)
     select: Select = field(default_factory=Select)
     dtype: str | None = None
     shard_size: int = DEFAULT_SHARD_SIZE
@@ -77,11 +66,26 @@ class MergeSpec:
     output_format: str = "full"
     adapter_rank: int | None = None
 
+    def __post_init__(self):
+        params_class = methods.get(self.method).Params
+        if self.parameters is None:
+            object.__setattr__(self, "parameters", params_class())
+        elif type(self.parameters) is not params_class:
+            raise TypeError(f"parameters of method {self.method!r} must be {params_class.__name__}, "
+                            f"got {type(self.parameters).__name__}")
+
+    @property
+    def merge_method(self) -> MergeMethod:
+        """The registry's entry for ``method``."""
+        return methods.get(self.method)
+
     def to_dict(self) -> dict:
-        """The normalized spec (defaults filled in), JSON-serializable."""
-        d = asdict(self)
-        d["models"] = [dict(m) for m in d["models"]]
-        d["select"] = {k: list(v) for k, v in d["select"].items()}
+        """The normalized spec (defaults filled in), JSON-serializable. ``parameters`` is a
+        flat mapping of the method's own parameters."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["models"] = [asdict(m) for m in self.models]
+        d["parameters"] = self.parameters.model_dump()
+        d["select"] = {k: list(v) for k, v in asdict(self.select).items()}
         return d
 
     def uris(self) -> list[str]:
@@ -107,16 +111,12 @@ def _check_keys(data, allowed, where: str):
         _fail(f"{prefix}{unknown[0]}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
-def _number(value, param: str, lo: float | None = None, hi: float | None = None,
-            lo_open=False, hi_open=False) -> float:
+def _number(value, param: str) -> float:
+    """A finite number (an int is taken as a float; a bool is not a number). The methods'
+    own parameters are checked by their parameter classes (drmerge/methods)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         _fail(param, f"must be a finite number, got {value!r}")
-    v = float(value)
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        _fail(param, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
-    if hi is not None and (v > hi or (hi_open and v == hi)):
-        _fail(param, f"must be {'<' if hi_open else '<='} {hi}, got {v}")
-    return v
+    return float(value)
 
 
 def _bool(value, param: str) -> bool:
@@ -171,24 +171,9 @@ def parse_size(value, param: str = "shard_size") -> int:
     return n
 
 
-def _parameters(data) -> Parameters:
-    allowed = {f.name for f in fields(Parameters)}
-    _check_keys(data, allowed, "parameters")
-    p = Parameters()
-    kw = {}
-    for key, value in data.items():
-        param = f"parameters.{key}"
-        if key == "direction":
-            kw[key] = _choice(value, DIRECTIONS, param)
-        elif key in ("sign_election", "disjoint_mean", "renormalize"):
-            kw[key] = _bool(value, param)
-        elif key == "scale":
-            kw[key] = _number(value, param)
-        elif key == "density":
-            kw[key] = _number(value, param, 0.0, 1.0, lo_open=True)
-        else:  # drop_rate, rank_threshold, nonlinear_drop_rate: fractions in [0, 1)
-            kw[key] = _number(value, param, 0.0, 1.0, hi_open=True)
-    return replace(p, **kw)
+def _listed(what: str, names: list[str]) -> str:
+    quoted = ", ".join(repr(n) for n in names)
+    return f"{what} {quoted}" if len(names) == 1 else f"{what}s {quoted}" if names else f"no {what}"
 
 
 def _select(data) -> Select:
@@ -232,17 +217,18 @@ def parse_spec(data, base_dir: str | None = None, *, allow_relative: bool = True
             _fail(required, "is required")
     kw: dict = {"models": _models(data["models"], base_dir, allow_relative),
                 "output": _uri(data["output"], "output", base_dir, allow_relative)}
-    kw["method"] = _choice(data.get("method", "drm"), METHODS, "method")
+    kw["method"] = _choice(data.get("method", DEFAULT_METHOD), methods.names(), "method")
+    method = methods.get(kw["method"])
     if "output_format" in data:  # before base_model, whose requirement depends on it
         kw["output_format"] = _choice(data["output_format"], OUTPUT_FORMATS, "output_format")
     if data.get("base_model") is not None:
         kw["base_model"] = _uri(data["base_model"], "base_model", base_dir, allow_relative)
-    elif kw["method"] != "linear" and kw.get("output_format") != "adapter":
-        _fail("base_model", f"is required for method {kw['method']!r} with output_format 'full' (only method "
-              "'linear', and output_format 'adapter', which merges LoRA adapters into one adapter, work without "
-              "a base)")
-    if "parameters" in data:
-        kw["parameters"] = _parameters(data["parameters"] if data["parameters"] is not None else {})
+    elif method.needs_base and kw.get("output_format") != "adapter":
+        free = [m.name for m in methods.all_methods() if not m.needs_base]
+        _fail("base_model", f"is required for method {method.name!r} with output_format 'full' (only "
+              f"{_listed('method', free)}, and output_format 'adapter', which merges LoRA adapters into one "
+              "adapter, work without a base)")
+    kw["parameters"] = method.parse_params(data.get("parameters"), others=methods.all_methods())
     if "select" in data:
         kw["select"] = _select(data["select"] if data["select"] is not None else {})
     if data.get("dtype") is not None:

@@ -19,35 +19,42 @@ Status = Literal[tuple(s.value for s in STATUSES)]
 def _spec_schema() -> dict:
     """The spec's shape for the OpenAPI document (clients, docs and the fuzzer read it).
     Documentation only: ``drmerge.spec.parse_spec`` is what validates, with the same
-    rules as the CLI; built from its constants so the two cannot drift apart."""
+    rules as the CLI. ``method`` and ``parameters`` are generated from the method registry
+    (each method's parameter class), the rest is built from spec.py's constants, so the
+    two cannot drift apart."""
+    from drmerge import methods
     from drmerge import spec as s
 
     location = {"type": "string", "minLength": 6, "maxLength": 1024,
                 "pattern": r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
                 "description": "s3://bucket/prefix/ (a folder of safetensors files)."}
-    fraction = {"type": "number", "minimum": 0, "exclusiveMaximum": 1}
     patterns = {"type": "array", "maxItems": s.MAX_PATTERNS,
                 "items": {"type": "string", "maxLength": s.MAX_PATTERN_LENGTH}}
+    registered = methods.all_methods()
+    baseless = [m.name for m in registered if not m.needs_base]
     return {
         "type": "object", "additionalProperties": False, "required": ["models", "output"],
-        # base_model is required unless method is linear or output_format is adapter (spec.parse_spec)
-        "anyOf": [{"required": ["base_model"]},
-                  {"required": ["method"], "properties": {"method": {"const": "linear"}}},
-                  {"required": ["output_format"], "properties": {"output_format": {"const": "adapter"}}}],
+        "allOf": [
+            # base_model is required unless the method needs none or output_format is adapter (spec.parse_spec)
+            {"anyOf": [{"required": ["base_model"]},
+                       {"required": ["method"], "properties": {"method": {"enum": baseless}}},
+                       {"required": ["output_format"], "properties": {"output_format": {"const": "adapter"}}}]},
+            # parameters: those of the chosen method only (the default method's when method is absent)
+            *({"if": _chosen(m.name, default=m.name == s.DEFAULT_METHOD),
+               "then": {"properties": {"parameters": m.json_schema()}}} for m in registered),
+        ],
         "properties": {
-            "base_model": {**location, "description": "The pre-trained model. Required, except for method `linear` "
-                                                      "and for `output_format: adapter` (LoRA adapters merged into "
-                                                      "one adapter: the base then only gives tensor shapes)."},
+            "base_model": {**location, "description": "The pre-trained model. Required, except for "
+                                                      f"{', '.join(f'method `{n}`' for n in baseless)} and for "
+                                                      "`output_format: adapter` (LoRA adapters merged into one "
+                                                      "adapter: the base then only gives tensor shapes)."},
             "models": {"type": "array", "minItems": 1, "maxItems": 16, "items": {"anyOf": [location, {
                 "type": "object", "additionalProperties": False, "required": ["model"],
                 "properties": {"model": location, "weight": {"type": "number"}}}]}},
-            "method": {"enum": list(s.METHODS), "default": "drm"},
-            "parameters": {"type": "object", "additionalProperties": False, "properties": {
-                "direction": {"enum": list(s.DIRECTIONS)}, "drop_rate": fraction, "rank_threshold": fraction,
-                "nonlinear_drop_rate": fraction, "scale": {"type": "number"},
-                "density": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                "sign_election": {"type": "boolean"}, "disjoint_mean": {"type": "boolean"},
-                "renormalize": {"type": "boolean"}}},
+            "method": {"enum": list(methods.names()), "default": s.DEFAULT_METHOD,
+                       "description": "The merge method. " + " ".join(f"`{m.name}`: {m.summary}" for m in registered)},
+            "parameters": {"type": "object", "description": "The method's parameters (its own only: a parameter of "
+                                                            "another method is an error); defaults filled in."},
             "select": {"type": "object", "additionalProperties": False,
                        "properties": {"linear": patterns, "exclude": patterns, "ignore": patterns}},
             "dtype": {"enum": list(s.DTYPES)},
@@ -63,6 +70,12 @@ def _spec_schema() -> dict:
                                                   "`overwrite`)."},
         },
     }
+
+
+def _chosen(method: str, default: bool) -> dict:
+    """JSON Schema condition: the spec's ``method`` is ``method`` (or absent, for the default)."""
+    named = {"required": ["method"], "properties": {"method": {"const": method}}}
+    return {"anyOf": [{"not": {"required": ["method"]}}, named]} if default else named
 
 
 class WebhookIn(BaseModel):
@@ -81,7 +94,7 @@ class MergeRequest(BaseModel):
                  "method": "drm", "parameters": {"direction": "vertical", "drop_rate": 0.8},
                  "output": "s3://models/merged/run-42/"},
         "metadata": {"team": "nlp", "run": "42"}}]})
-    spec: dict[str, Any] = Field(..., description="The merge spec (DESIGN.md section 4); unknown keys are errors.",
+    spec: dict[str, Any] = Field(..., description="The merge spec (docs/DESIGN.md, \"The spec\"); unknown keys are errors.",
                                  json_schema_extra=_spec_schema())
     webhook: WebhookIn | None = None
     metadata: dict[str, str] = Field(default_factory=dict,

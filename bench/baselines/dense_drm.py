@@ -1,9 +1,9 @@
 """The dense approach, as the method's research code does it: load every checkpoint whole
 into memory, stack each matrix's deltas, ``torch.linalg.svd`` in float32, save.
 
-Same math as DESIGN.md s.3 (and the same tensor selection), written plainly and
-independently of the engine, so the bench compares drmerge against the way the method
-is usually run. Usage:
+Same math as docs/DESIGN.md, "DRM, step by step" (and the same tensor selection), written
+plainly and independently of the engine, so the bench compares drmerge against the way
+the method is usually run. Usage:
 
     python -m bench.baselines.dense_drm --base DIR --models DIR [DIR ...] --out DIR \
         [--direction vertical|horizontal] [--json]

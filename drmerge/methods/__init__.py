@@ -1,42 +1,50 @@
-"""Merge methods as pure tensor functions; ``merge_tensor`` dispatches one tensor.
+"""The method registry: every module of this package except ``base`` defines one merge
+method (``METHOD = SomeMethod()``), found by ``pkgutil`` the first time a method is asked
+for. Adding a method is one new file here (plus its tests): the spec parser, the planner,
+the executors, adapter output and the API's JSON Schema all read it from the registry.
 
-Each method lives in its own small module. Inputs are stacks of shape (T, ...) in the
-compute dtype; matrices reach DRM already flattened to 2-D (``out x prod(rest)``).
+Torch-free: method modules import torch only inside the hooks that touch tensors.
 """
 
 from __future__ import annotations
 
-import torch
+import importlib
+import pkgutil
 
-from ..spec import Parameters
-from .drm import drm_matrix_delta, drm_vector_delta
-from .linear import linear_weights
-from .task_arithmetic import task_arithmetic_delta
-from .ties import ties_delta
+from .base import MergeMethod
 
-MATRIX = "matrix"
-VECTOR = "vector"
-COPY = "copy"
+_REGISTRY: dict[str, MergeMethod] = {}
 
 
-def merged_delta(method: str, kind: str, deltas: torch.Tensor, weights: torch.Tensor, p: Parameters) -> torch.Tensor:
-    """The merged delta ``D`` of one tensor, before the global scale."""
-    if method == "task_arithmetic":
-        return task_arithmetic_delta(deltas, weights)
-    if method == "ties":
-        return ties_delta(deltas, weights, p)
-    if method == "drm":
-        if kind == MATRIX:
-            flat = deltas.reshape(deltas.shape[0], deltas.shape[1], -1)
-            return drm_matrix_delta(flat, weights, p).reshape(deltas.shape[1:])
-        return drm_vector_delta(deltas, weights, p)
-    raise ValueError(f"method {method!r} does not merge deltas")
+def _discover() -> dict[str, MergeMethod]:
+    if not _REGISTRY:
+        found: dict[str, MergeMethod] = {}
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+            if info.name == "base" or info.name.startswith("_"):
+                continue
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            method = getattr(module, "METHOD", None)
+            if not isinstance(method, MergeMethod):
+                raise TypeError(f"{module.__name__} defines no METHOD (a MergeMethod instance)")
+            if method.name in found:
+                raise TypeError(f"method {method.name!r} is defined twice ({module.__name__})")
+            found[method.name] = method
+        _REGISTRY.update(found)
+    return _REGISTRY
 
 
-def merge_tensor(method: str, kind: str, base: torch.Tensor | None, tensors: torch.Tensor,
-                 weights: torch.Tensor, p: Parameters) -> torch.Tensor:
-    """Merged weights of one tensor: ``W0 + lam * D``, or the weighted average for ``linear``."""
-    if method == "linear":
-        return linear_weights(tensors, weights)
-    delta = merged_delta(method, kind, tensors - base, weights, p)
-    return base + p.scale * delta
+def names() -> tuple[str, ...]:
+    """Every registered method name, alphabetically."""
+    return tuple(sorted(_discover()))
+
+
+def all_methods() -> list[MergeMethod]:
+    return [_discover()[n] for n in names()]
+
+
+def get(name: str) -> MergeMethod:
+    """The registered method ``name`` (KeyError if there is none: the spec parser checks)."""
+    return _discover()[name]
+
+
+__all__ = ["MergeMethod", "all_methods", "get", "names"]

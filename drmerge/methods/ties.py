@@ -1,4 +1,4 @@
-"""TIES merging with mergekit's semantics (DESIGN.md s.3, baselines): the numbers users
+"""TIES merging with mergekit's semantics (docs/DESIGN.md, "TIES"): the numbers users
 compare against when they rerun a mergekit TIES config through drmerge.
 
 Per tensor: trim each delta to its top ``density`` magnitudes; weight them, ``E_t = w_t D_t``;
@@ -8,43 +8,38 @@ matches); divide their sum by the sum of the *weights* of the kept entries, 0 ->
 (``disjoint_mean``, mergekit's ``normalize``). A negative weight flips its model's entries
 before the vote, and its weight counts negatively in the divisor, exactly as in mergekit.
 
-DRM's rule for vector-like tensors looks alike but follows its authors (methods/drm.py,
-common.combine): sign elected on the unweighted values, the kept entries counted, and a
+DRM's rule for vector-like tensors looks alike but follows its authors (methods/drm.py
+``vector_rule``): sign elected on the unweighted values, the kept entries counted, and a
 zero sum falling back to the sign of the sum of the elected signs.
 """
 
 from __future__ import annotations
 
-import torch
+from pydantic import Field
 
-from ..spec import Parameters
-from .common import elect_signs, keep_top_magnitudes
-
-
-def ties_delta(deltas: torch.Tensor, weights: torch.Tensor, p: Parameters) -> torch.Tensor:
-    """Merged delta ``D`` of a (T, ...) stack of task deltas, before the global scale."""
-    trimmed = torch.stack([keep_top_magnitudes(d, p.density) for d in deltas])
-    return ties_combine(trimmed, weights, sign_election=p.sign_election, disjoint_mean=p.disjoint_mean)
+from .base import Divide, ElementwiseRule, MergeMethod, Params, PerModel, Sign
 
 
-def ties_combine(trimmed: torch.Tensor, weights: torch.Tensor, *, sign_election: bool,
-                 disjoint_mean: bool) -> torch.Tensor:
-    """Everything after the trim, on a (T, ...) stack (a whole tensor or any chunk of it:
-    each entry depends on its own column only). ``weights``: shape (T,).
+class TiesParams(Params):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="Fraction of each task delta's largest-magnitude "
+                                                            "entries kept.")
+    scale: float = Field(1.0, description="The global scale lam of W0 + lam * D (mergekit's lambda).")
+    sign_election: bool = Field(True, description="Elect the majority sign of the weighted deltas and keep only "
+                                                  "the entries that agree.")
+    disjoint_mean: bool = Field(True, description="Divide by the sum of the kept entries' weights (mergekit's "
+                                                  "normalize) or, false, by the number of models.")
 
-    ``sign_election: false`` keeps every nonzero weighted entry. ``disjoint_mean: false``
-    divides the sum of the kept entries by T (mergekit's ``normalize: false`` is the plain
-    sum, i.e. this times T).
-    """
-    w = weights.to(trimmed.dtype).reshape((-1,) + (1,) * (trimmed.dim() - 1))
-    weighted = trimmed * w
-    if sign_election:
-        sigma = elect_signs(weighted, torch.ones((), dtype=weighted.dtype, device=weighted.device))
-        keep = torch.sign(weighted) == sigma
-    else:
-        keep = weighted != 0
-    total = torch.where(keep, weighted, torch.zeros((), dtype=weighted.dtype, device=weighted.device)).sum(dim=0)
-    if not disjoint_mean:
-        return total / trimmed.shape[0]
-    divisor = (w * keep).sum(dim=0)
-    return total / divisor.masked_fill_(divisor == 0, 1.0)
+
+class Ties(MergeMethod):
+    name = "ties"
+    Params = TiesParams
+    summary = ("TIES-merging (trim, elect sign, disjoint merge) as mergekit computes it: the sign elected on the "
+               "weighted deltas, their sum divided by the kept weights.")
+
+    def elementwise_rule(self, kind: str, params: TiesParams, models: PerModel | None = None) -> ElementwiseRule:
+        return ElementwiseRule(keep=params.density, sign=Sign.WEIGHTED if params.sign_election else Sign.NONZERO,
+                               divide=Divide.KEPT_WEIGHTS if params.disjoint_mean else Divide.MODELS,
+                               scale=params.scale)
+
+
+METHOD = Ties()

@@ -8,6 +8,8 @@ import uuid
 
 import pytest
 
+from drmerge import methods
+
 PROBLEM = "application/problem+json"
 
 
@@ -79,6 +81,20 @@ def test_unknown_and_malformed_ids_are_404(idle_stack):
 ])
 def test_invalid_specs_are_422_invalid_spec_with_param(idle_stack, body, param):
     assert_problem(idle_stack.http.post("/v1/merges", json=body), 422, "invalid_spec", param)
+
+
+@pytest.mark.parametrize("method", list(methods.names()))
+def test_parameters_of_another_method_are_422_naming_the_key(idle_stack, method):
+    """Every method validates its own parameters (drmerge/methods): one that belongs to
+    another method is refused, never ignored, for every method and every such key."""
+    own = set(methods.get(method).Params.model_fields)
+    others = {k: v for m in methods.all_methods() for k, v in m.Params().model_dump().items() if k not in own}
+    assert others
+    for key, value in sorted(others.items()):
+        body = {"spec": spec(method=method, parameters={key: value})}
+        problem = assert_problem(idle_stack.http.post("/v1/merges", json=body), 422, "invalid_spec",
+                                 f"spec.parameters.{key}")
+        assert f"does not apply to method {method!r}" in problem["detail"], problem
 
 
 def test_base_model_is_optional_only_for_linear_and_adapter_output(idle_stack):

@@ -108,7 +108,7 @@ def engine_deltas(base_dir: str, adapter_dirs: list[str], dtype=torch.float64) -
 
     Merge tests compare against these rather than PEFT's float32 merge: DRM's pruning
     and sign election are discontinuous, so a 1e-7 difference in an input can flip an
-    entry and move the result by ~1e-3 (DESIGN.md s.3).
+    entry and move the result by ~1e-3 (docs/DESIGN.md, "Precision of the decomposition").
     """
     from drmerge.adapters import AdapterReader, bind_adapters
     from drmerge.checkpoint import CheckpointReader

@@ -1,4 +1,4 @@
-"""An independent, deliberately plain float64 implementation of DESIGN.md section 3.
+"""An independent, deliberately plain float64 implementation of docs/DESIGN.md, "The merge math".
 
 Written with numpy and a full dense SVD, step by step as the design states it, so the
 engine's Gram/eigen shortcuts and torch code are checked against something that shares

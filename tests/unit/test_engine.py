@@ -15,8 +15,11 @@ import torch
 import drmerge
 from drmerge.cli import main
 from drmerge.errors import MergeError
-from drmerge.methods import MATRIX, VECTOR, merge_tensor
-from drmerge.pipeline import Inputs, merged_tensors, run_merge
+from drmerge import methods
+from drmerge.methods.base import MATRIX, VECTOR
+from drmerge.execute import merged_tensors
+from drmerge.inputs import Inputs
+from drmerge.pipeline import run_merge
 from drmerge.spec import parse_spec
 
 from tests.support.factories import load_tensors, make_family
@@ -96,7 +99,8 @@ def test_merged_tensors_equal_the_method_applied_per_tensor(family, tmp_path):
             assert torch.equal(t, b[name])
             continue
         kind = MATRIX if t.dim() >= 2 and "embed" not in name else VECTOR
-        want = merge_tensor("drm", kind, b[name].float(), torch.stack([m[name].float() for m in ms]), w, spec.parameters)
+        want = methods.get("drm").merge_tensor(kind, b[name].float(), torch.stack([m[name].float() for m in ms]), w,
+                                               spec.parameters)
         assert torch.equal(t, want.to(t.dtype)), name
         checked[kind] += 1
     assert checked[MATRIX] >= 8 and checked[VECTOR] >= 8

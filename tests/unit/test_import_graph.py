@@ -16,11 +16,7 @@ PACKAGES = ("drmerge", "service", "worker", "drmerge_client", "drmerge_ops")
 
 # Cycles that are known and being removed by a named piece of work. Each entry must
 # still exist (the test fails once it is gone, so the entry is deleted with the fix).
-KNOWN_CYCLES: list[frozenset[str]] = [
-    # issue #12, engine part: adapter_output takes private names from pipeline, and
-    # both import the package for its version; the one output transaction removes it.
-    frozenset({"drmerge", "drmerge.pipeline", "drmerge.adapter_output"}),
-]
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 
 @pytest.fixture(scope="module")

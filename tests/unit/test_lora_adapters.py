@@ -8,9 +8,7 @@ import torch
 
 from drmerge.adapters import AdapterReader, bind_adapters, pattern_key
 from drmerge.checkpoint import CheckpointReader
-from drmerge.methods.drm import drm_matrix_delta
-from drmerge.methods.drm_lowrank import drm_lowrank_delta
-from drmerge.spec import Parameters
+from drmerge.methods.drm import DrmParams, drm_lowrank_delta, drm_matrix_delta
 from drmerge.storage import LocalStorage
 from tests.support.lora_helpers import make_adapter, make_base, peft_deltas
 
@@ -78,7 +76,7 @@ def test_lowrank_drm_equals_dense_on_peft_deltas(llama, direction):
     base, adapters, deltas = llama
     ref, readers = bound(base, adapters)
     w = torch.tensor([1.0, 0.7, 1.3])
-    p = Parameters(direction=direction)
+    p = DrmParams(direction=direction)
     checked = 0
     for name in ref.names():
         factors = [r.read(name) for r in readers]

@@ -1,16 +1,18 @@
-"""Low-rank DRM (methods/drm_lowrank.py) against dense DRM on the materialised deltas."""
+"""Low-rank DRM (methods/drm.py ``drm_lowrank_delta``, kernels/decompose.py and lowrank.py)
+against dense DRM on the materialised deltas."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import pytest
 import torch
 
-from drmerge.methods.drm import drm_matrix_delta
-from drmerge.methods.drm_lowrank import (LowRank, drm_lowrank_delta, lowrank_row_basis, mixed_merged_delta,
-                                         truncated, weighted_sum)
-from drmerge.spec import Parameters
+from drmerge import methods
+from drmerge.execute import task_stack
+from drmerge.kernels.decompose import lowrank_row_basis
+from drmerge.kernels.lowrank import LowRank, truncated, weighted_sum
+from drmerge.methods.base import MATRIX
+from drmerge.methods.drm import DrmParams, drm_lowrank_delta, drm_matrix_delta
+from drmerge.spec import parse_spec
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,11 +36,11 @@ def dense_stack(fs, n, m, dtype):
 
 
 PARAMS = [
-    Parameters(),
-    Parameters(drop_rate=0.0),
-    Parameters(drop_rate=0.5, sign_election=False, disjoint_mean=False),
-    Parameters(rank_threshold=0.3),
-    Parameters(renormalize=False),
+    DrmParams(),
+    DrmParams(drop_rate=0.0),
+    DrmParams(drop_rate=0.5, sign_election=False, disjoint_mean=False),
+    DrmParams(rank_threshold=0.3),
+    DrmParams(renormalize=False),
 ]
 
 
@@ -49,7 +51,7 @@ def test_lowrank_equals_dense(dtype, tol, direction, pi):
     n, m = 48, 80
     fs = factors(n, m, [4, 8, None, 2, 16], dtype, seed=pi)
     w = torch.tensor([1.0, 0.5, 1.0, 2.0, 0.7])
-    p = replace(PARAMS[pi], direction=direction)
+    p = PARAMS[pi].model_copy(update={"direction": direction})
     want = drm_matrix_delta(dense_stack(fs, n, m, dtype), w.to(dtype), p)
     got = drm_lowrank_delta(fs, (n, m), w, p)
     assert got.shape == (n, m)
@@ -62,7 +64,7 @@ def test_wide_and_tall_and_rank_above_a_side(direction):
     for n, m in ((24, 200), (200, 24)):
         fs = factors(n, m, [16, 16, 8], torch.float64, seed=3)
         w = torch.ones(3)
-        p = Parameters(direction=direction)
+        p = DrmParams(direction=direction)
         want = drm_matrix_delta(dense_stack(fs, n, m, torch.float64), w.double(), p)
         assert rel(drm_lowrank_delta(fs, (n, m), w, p).dense(), want) < 1e-9
 
@@ -80,7 +82,7 @@ def test_basis_matches_dense_svd():
 
 
 def test_all_zero_and_empty():
-    p = Parameters()
+    p = DrmParams()
     assert drm_lowrank_delta([None, None], (5, 7), torch.ones(2), p).dense().abs().sum() == 0
     zero = LowRank(torch.zeros(5, 2, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64))
     out = drm_lowrank_delta([zero, None], (5, 7), torch.ones(2), p)
@@ -91,7 +93,7 @@ def test_invariant_to_order_and_factor_gauge():
     n, m = 40, 60
     fs = factors(n, m, [4, 6, 3], torch.float64, seed=7)
     w = torch.tensor([1.0, 2.0, 0.5])
-    p = Parameters()
+    p = DrmParams()
     ref = drm_lowrank_delta(fs, (n, m), w, p).dense()
     perm = [2, 0, 1]
     assert rel(drm_lowrank_delta([fs[i] for i in perm], (n, m), w[perm], p).dense(), ref) < 1e-10
@@ -105,7 +107,7 @@ def test_never_materialises_n_by_m():
     # A dense delta of this shape would need 160 GB; the factored path needs a few MB per task.
     n, m = 200_000, 100_000
     fs = factors(n, m, [4, 4, 2], torch.float32, seed=1)
-    out = drm_lowrank_delta(fs, (n, m), torch.ones(3), Parameters())
+    out = drm_lowrank_delta(fs, (n, m), torch.ones(3), DrmParams())
     assert out.shape == (n, m) and out.rank <= 10
     approx, kept, total = truncated(out, 5)
     assert approx.rank == 5 and 0 < kept <= total
@@ -130,10 +132,15 @@ def test_linear_baselines_factored_and_mixed_inputs():
     dense = dense_stack(fs, n, m, torch.float64)
     want = (dense * w.double()[:, None, None]).sum(0)
     assert rel(weighted_sum(fs, (n, m), w).dense(), want) < 1e-12
-    got = mixed_merged_delta("linear", "matrix", fs, (n, m), w, Parameters())
+    linear = methods.get("linear")
+    got = linear.lowrank_delta(MATRIX, fs, (n, m), w, linear.Params())
     assert rel(got.dense(), want / w.sum()) < 1e-6  # weights are float32, as the pipeline passes them
-    # A dense delta among factored ones: the dense method on the materialised stack.
+    # A dense delta among factored ones: the dense method on the stack the executor materialises.
     mixed = [fs[0], torch.randn(n, m, dtype=torch.float64) * 0.1, fs[2]]
     stack = torch.stack([fs[0].dense(), mixed[1], fs[2].dense()])
-    p = Parameters(direction="horizontal")
-    assert rel(mixed_merged_delta("drm", "matrix", mixed, (n, m), w, p), drm_matrix_delta(stack, w.double(), p)) < 1e-12
+    p = DrmParams(direction="horizontal")
+    models = parse_spec({"models": ["a", "b", "c"], "output": "o", "method": "linear"}).models
+    materialised = task_stack(models, "w", mixed, None, (n, m), torch.device("cpu"), torch.float64)
+    assert torch.equal(materialised, stack)
+    got = methods.get("drm").dense_delta(MATRIX, materialised, w, p)
+    assert rel(got, drm_matrix_delta(stack, w.double(), p)) < 1e-12

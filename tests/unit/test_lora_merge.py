@@ -12,10 +12,10 @@ import torch
 from drmerge import merge
 from drmerge.cli import main as cli_main
 from drmerge.errors import MergeError
-from drmerge.methods.drm import drm_matrix_delta, drm_vector_delta
+from drmerge.methods.drm import DrmParams, drm_matrix_delta, drm_vector_delta
 from drmerge.plan import Selector
 from drmerge.checkpoint import CheckpointReader
-from drmerge.spec import Parameters, Select
+from drmerge.spec import Select
 from drmerge.storage import LocalStorage
 from tests.support import reference as ref
 from tests.support.lora_helpers import engine_deltas, load_model, make_adapter, make_base, make_full_finetune, state
@@ -72,7 +72,7 @@ def test_full_output_from_adapters(models, tmp_path, direction):
     assert {f["name"] for f in result.files} >= {"model.safetensors", "config.json"}
     loaded = load_model(out).state_dict()  # transformers loads it
     base = state(models["base"])
-    p = Parameters(direction=direction, scale=0.9)
+    p = DrmParams(direction=direction, scale=0.9)
     k = kinds(models["base"])
     merged_matrices = 0
     for name, b in base.items():
@@ -94,7 +94,7 @@ def test_mixed_full_finetune_and_adapters(models, tmp_path):
     got = state(out)
     base = state(models["base"])
     k = kinds(models["base"])
-    p = Parameters()
+    p = DrmParams()
     for name, b in base.items():
         ds = [models["deltas32"][name][i].double() for i in (0, 1, 3)]
         want = expected_delta(name, k[name], ds, torch.ones(3), p)
@@ -206,7 +206,7 @@ def test_adapter_output_loads_in_peft_and_equals_merge(models, tmp_path, with_ba
     assert marker["adapter"]["energy_kept"] == pytest.approx(1.0)  # 15 >= every merged delta's rank
     got = peft_merged(models["base"], out)
     base = state(models["base"])
-    p = Parameters(scale=1.5)
+    p = DrmParams(scale=1.5)
     for name, b in base.items():
         ds = models["deltas"][name][:3]
         if all(d.abs().max() == 0 for d in ds):
@@ -321,7 +321,7 @@ def test_adapter_output_partial_modules_and_small_sides(models, tmp_path):
         if ".layers.1." in name or not any(t in name for t in TARGETS):
             assert torch.equal(got[name], b), name
         else:
-            want = drm_matrix_delta(torch.stack(models["deltas"][name][:3]), torch.ones(3).double(), Parameters())
+            want = drm_matrix_delta(torch.stack(models["deltas"][name][:3]), torch.ones(3).double(), DrmParams())
             assert rel(got[name] - b, want) < 1e-4, name
 
 
@@ -332,7 +332,7 @@ def test_adapter_on_a_vector_like_matrix(models, tmp_path):
     heads = [make_adapter(models["base"], str(d / f"h{i}"), seed=10 + i, r=4, target_modules=["q_proj", "lm_head"])
              for i in range(2)]
     ds = engine_deltas(models["base"], heads)["lm_head.weight"]
-    want = drm_vector_delta(torch.stack(ds), torch.ones(2).double(), Parameters())
+    want = drm_vector_delta(torch.stack(ds), torch.ones(2).double(), DrmParams())
     merge({"base_model": models["base"], "models": heads, "output": str(d / "full")}, device="cpu")
     b = state(models["base"])["lm_head.weight"]
     assert rel(state(str(d / "full"))["lm_head.weight"] - b, want) < 1e-4

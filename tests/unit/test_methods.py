@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from drmerge.methods import MATRIX, VECTOR, merge_tensor
-from drmerge.methods.drm import drm_matrix_delta
-from drmerge.spec import Parameters
+from drmerge import methods
+from drmerge.methods.base import MATRIX, VECTOR
+from drmerge.methods.drm import DrmParams, drm_matrix_delta
 
 from tests.support import reference as ref
 
@@ -28,10 +28,11 @@ def task_deltas(shape, t, seed, rank=3, noise=0.05):
 
 
 def run(method, kind, base, deltas, weights, **params):
-    p = Parameters(**params)
+    m = methods.get(method)
+    p = m.Params(**params)
     b = torch.tensor(base, dtype=torch.float32)
     stack = torch.stack([b + torch.tensor(d, dtype=torch.float32) for d in deltas])
-    merged = merge_tensor(method, kind, b, stack, torch.tensor(weights, dtype=torch.float32), p)
+    merged = m.merge_tensor(kind, b, stack, torch.tensor(weights, dtype=torch.float32), p)
     # The inputs are float32; compare the merged delta the engine produced from them.
     return (merged.double() - b.double()).numpy(), [(s - b).double().numpy() for s in stack]
 
@@ -83,7 +84,7 @@ def test_drm_is_invariant_to_sign_of_singular_vectors():
     deltas = torch.tensor(np.stack(task_deltas((16, 24), 4, seed=11)), dtype=torch.float64)
     w = torch.ones(4, dtype=torch.float64)
     for direction in ("vertical", "horizontal"):
-        p = Parameters(direction=direction)
+        p = DrmParams(direction=direction)
         a = drm_matrix_delta(deltas, w, p)
         b = drm_matrix_delta(-deltas, w, p)
         assert torch.allclose(a, -b, rtol=1e-9, atol=1e-12)
@@ -157,7 +158,8 @@ def test_task_arithmetic_and_linear_match_plain_formulas():
     merged, ds = run("task_arithmetic", MATRIX, base, deltas, weights, scale=0.6)
     assert ref.rel_err(merged, 0.6 * sum(w * d for w, d in zip(weights, ds))) < 1e-6
     models = torch.tensor(np.stack([base + d for d in deltas]), dtype=torch.float32)
-    lin = merge_tensor("linear", MATRIX, None, models, torch.tensor(weights), Parameters())
+    linear = methods.get("linear")
+    lin = linear.merge_tensor(MATRIX, None, models, torch.tensor(weights), linear.Params())
     want = sum(w * m for w, m in zip(weights, models.double().numpy())) / sum(weights)
     assert ref.rel_err(lin.double().numpy(), want) < 1e-6
 
@@ -171,7 +173,7 @@ def test_single_model_drm_keeps_its_dominant_structure():
 
 
 def test_large_matrix_error_is_no_worse_than_float32_svd():
-    """DESIGN.md s.3: on large matrices, error vs float64 <= that of a float32 SVD of the stack."""
+    """docs/DESIGN.md ("Precision of the decomposition"): on large matrices, error vs float64 <= that of a float32 SVD of the stack."""
     shape, t = (192, 384), 4
     deltas = task_deltas(shape, t, seed=21, rank=8, noise=0.2)
     stack64 = [np.asarray(torch.tensor(d, dtype=torch.float32).double()) for d in deltas]

@@ -3,22 +3,36 @@ DRM decomposition, chunked element-wise merging, and the in-place DRM matrix pat
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
-from drmerge.methods import MATRIX, VECTOR, merge_tensor
-from drmerge.methods import common
-from drmerge.methods.common import keep_top_magnitudes, kth_largest
-from drmerge.methods import drm
-from drmerge.methods.drm import drm_matrix_delta
-from drmerge.methods.elementwise import merge_elementwise
-from drmerge.spec import Parameters
+from drmerge import methods
+from drmerge.kernels import decompose, topk
+from drmerge.kernels.elementwise import merge_elementwise
+from drmerge.kernels.topk import keep_top_magnitudes, kth_largest
+from drmerge.methods.base import MATRIX, VECTOR
+from drmerge.methods.drm import DrmParams, drm_matrix_delta
+
+
+def params(method: str, **kw):
+    """The method's parameter class with ``kw`` (each method validates its own)."""
+    return methods.get(method).Params(**kw)
+
+
+def merge_tensor(method, kind, base, stack, weights, p):
+    """The whole-tensor form the chunked executor must equal."""
+    return methods.get(method).merge_tensor(kind, base, stack, weights, p)
+
+
+def chunked(method, kind, base, tensors, weights, p, **kw):
+    """The chunked executor running the method's element-wise rule."""
+    rule = methods.get(method).elementwise_rule(kind, p)
+    return merge_elementwise(rule, base, tensors, weights, compute_dtype=torch.float32, device=torch.device("cpu"),
+                             out_dtype=torch.float32, **kw)
 
 
 def f64_drm(deltas: torch.Tensor, direction: str = "vertical", drop_rate: float = 0.8, rho: float = 0.01):
-    """DESIGN.md s.3 steps 2-9 literally, float64 SVD of the stack, weights 1."""
+    """docs/DESIGN.md ("DRM, step by step") steps 2-9 literally, float64 SVD of the stack, weights 1."""
     d = deltas.double()
     t, n, m = d.shape
     if direction == "horizontal":
@@ -57,17 +71,17 @@ def rel(a, b):
                                              ((20, 128), "vertical"), ((128, 128), "horizontal")])
 def test_small_matrices_match_float64_to_1e5(shape, direction):
     deltas = structured(6, *shape, seed=shape[0] + len(direction))
-    p = replace(Parameters(), direction=direction)
+    p = DrmParams(direction=direction)
     assert rel(drm_matrix_delta(deltas, torch.ones(6), p), f64_drm(deltas, direction)) < 1e-5
 
 
 def test_float32_gemm_path_no_worse_than_float32_svd(monkeypatch):
     # Large matrices take the float32-GEMM path; force it at a size a unit test affords.
-    monkeypatch.setattr(drm, "_EXACT_WORK", 0)
+    monkeypatch.setattr(decompose, "_EXACT_WORK", 0)
     t, n, m = 4, 120, 400
     deltas = structured(t, n, m, seed=7)
     ref = f64_drm(deltas)
-    ours = rel(drm_matrix_delta(deltas, torch.ones(t), Parameters()), ref)
+    ours = rel(drm_matrix_delta(deltas, torch.ones(t), DrmParams()), ref)
     dense_err = rel(_f32_drm(deltas), ref)
     assert ours <= dense_err, (ours, dense_err)
 
@@ -102,25 +116,23 @@ def _quantized(shape, t, seed):
     return (torch.randint(-6, 7, (t,) + shape, generator=g).float() / 8).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("method,kind,params", [
+@pytest.mark.parametrize("method,kind,params_", [
     ("ties", VECTOR, {}), ("ties", VECTOR, {"density": 0.35, "sign_election": False}),
     ("task_arithmetic", VECTOR, {"scale": 0.7}), ("linear", VECTOR, {}),
     ("drm", VECTOR, {}), ("drm", VECTOR, {"nonlinear_drop_rate": 0.5, "disjoint_mean": False}),
     ("ties", MATRIX, {"density": 0.1}),
 ])
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
-def test_chunked_elementwise_equals_whole_tensor(method, kind, params, chunk):
+def test_chunked_elementwise_equals_whole_tensor(method, kind, params_, chunk):
     shape = (13, 11)
     raw = _quantized(shape, 4, seed=chunk)  # bfloat16 inputs: many ties and zero sums
     base = raw[0]
     models = list(raw[1:]) if method != "linear" else list(raw)
     weights = torch.tensor([1.0, 0.5, 2.0, 1.0][: len(models)])
-    p = replace(Parameters(), **params)
+    p = params(method, **params_)
     stack = torch.stack([m.float() for m in models])
     want = merge_tensor(method, kind, base.float() if method != "linear" else None, stack, weights, p)
-    got = merge_elementwise(method, base if method != "linear" else None, models, weights, p,
-                            compute_dtype=torch.float32, device=torch.device("cpu"),
-                            out_dtype=torch.float32, chunk=chunk)
+    got = chunked(method, kind, base if method != "linear" else None, models, weights, p, chunk=chunk)
     assert torch.equal(got, want)
 
 
@@ -131,10 +143,9 @@ def test_chunked_sign_fallback_spans_chunks(method):
     base = torch.zeros(8)
     a = torch.tensor([1.0, -1, 1, -1, 1, -1, -2, -2])
     b = torch.tensor([-1.0, 1, -1, 1, -1, 1, -1, -1])
-    p = replace(Parameters(), density=1.0)
+    p = params(method, **({"density": 1.0} if method == "ties" else {}))
     want = merge_tensor(method, VECTOR, base, torch.stack([a, b]), torch.ones(2), p)
-    got = merge_elementwise(method, base, [a, b], torch.ones(2), p, compute_dtype=torch.float32,
-                            device=torch.device("cpu"), out_dtype=torch.float32, chunk=3)
+    got = chunked(method, VECTOR, base, [a, b], torch.ones(2), p, chunk=3)
     assert torch.equal(got, want)
     # each zero-sum pair keeps its negative entry under DRM's fallback, its positive one under TIES
     assert got[:6].tolist() == [-1.0 if method == "drm" else 1.0] * 6
@@ -143,8 +154,8 @@ def test_chunked_sign_fallback_spans_chunks(method):
 @pytest.mark.parametrize("method,params", [("ties", {}), ("drm", {}), ("drm", {"nonlinear_drop_rate": 0.3}),
                                            ("task_arithmetic", {}), ("linear", {})])
 def test_lazy_chunked_reads_give_the_same_checkpoint(tmp_path, monkeypatch, method, params):
-    from drmerge import pipeline
-    from drmerge.methods import elementwise
+    from drmerge import pipeline, plan
+    from drmerge.kernels import elementwise
     from drmerge.spec import parse_spec
 
     from tests.support.factories import load_tensors, make_family
@@ -158,7 +169,7 @@ def test_lazy_chunked_reads_give_the_same_checkpoint(tmp_path, monkeypatch, meth
         return load_tensors(str(tmp_path / out))
 
     whole = merge("whole")
-    monkeypatch.setattr(pipeline, "LAZY_INPUT_BYTES", 0)  # every element-wise tensor read lazily...
+    monkeypatch.setattr(plan, "LAZY_INPUT_BYTES", 0)  # every element-wise tensor read lazily...
     monkeypatch.setattr(elementwise, "CHUNK_ELEMENTS", 100)  # ...in many small chunks
     lazy = merge("lazy")
     assert whole.keys() == lazy.keys()
@@ -175,7 +186,7 @@ def _bf16_family(t, n, seed, scale=1e-3):
 
 @pytest.mark.parametrize("radix_min", [0, 1 << 16])
 def test_kth_largest_equals_kthvalue(monkeypatch, radix_min):
-    monkeypatch.setattr(common, "RADIX_MIN", radix_min)
+    monkeypatch.setattr(topk, "RADIX_MIN", radix_min)
     g = torch.Generator().manual_seed(3)
     base, models = _bf16_family(2, 200_000, seed=4)
     cases = [(models[0].float() - base.float()).abs(),  # bf16 differences: thousands of ties
@@ -203,12 +214,12 @@ def test_kth_largest_with_non_finite_falls_back_to_kthvalue():
         assert greater == int((mags > want).sum())
 
 
-@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("task_arithmetic", {"scale": 0.7}),
+@pytest.mark.parametrize("method,params_", [("task_arithmetic", {}), ("task_arithmetic", {"scale": 0.7}),
                                            ("ties", {}), ("ties", {"density": 0.5, "disjoint_mean": False}),
                                            ("drm", {}), ("drm", {"nonlinear_drop_rate": 0.4})])
 @pytest.mark.parametrize("t", [1, 2, 4, 7, 17])
 @pytest.mark.parametrize("unit", [True, False])
-def test_fast_elementwise_paths_equal_whole_tensor_on_real_valued_deltas(method, params, t, unit):
+def test_fast_elementwise_paths_equal_whole_tensor_on_real_valued_deltas(method, params_, t, unit):
     # Unquantized deltas (sums round), bfloat16 and float32 inputs, unit and other weights.
     # Sums over models are sequential in t, as torch's vectorized sum(dim=0) is wherever a
     # whole vector of columns is reduced (a tensor whose size is not a multiple of the
@@ -216,12 +227,11 @@ def test_fast_elementwise_paths_equal_whole_tensor_on_real_valued_deltas(method,
     n = 150_016  # above RADIX_MIN: the radix select decides the masks
     base, models = _bf16_family(t, n, seed=t)
     weights = torch.ones(t) if unit else torch.linspace(0.5, 1.5, t)
-    p = replace(Parameters(), **params)
+    p = params(method, **params_)
     for b, ms in ((base, models), (base.float(), [m.float() + 1e-5 * i for i, m in enumerate(models)])):
         want = merge_tensor(method, VECTOR, b.float(), torch.stack([m.float() for m in ms]), weights, p)
         for chunk in (1 << 20, 4096):
-            got = merge_elementwise(method, b, list(ms), weights, p, compute_dtype=torch.float32,
-                                    device=torch.device("cpu"), out_dtype=torch.float32, chunk=chunk)
+            got = chunked(method, VECTOR, b, list(ms), weights, p, chunk=chunk)
             assert torch.equal(got, want), (chunk, b.dtype)
 
 
@@ -233,11 +243,10 @@ def test_fast_drm_sign_fallback_minus_one_with_unit_weights(drop):
     base = torch.zeros(12)
     a = torch.tensor([1.0, -1, 2, -2, 0, 0, -3, -3, -3, -1, -1, -1])
     b = torch.tensor([-1.0, 1, -2, 2, 0, 0, -1, -1, -1, -2, -2, -2])
-    p = replace(Parameters(), nonlinear_drop_rate=drop)
+    p = DrmParams(nonlinear_drop_rate=drop)
     want = merge_tensor("drm", VECTOR, base, torch.stack([a, b]), torch.ones(2), p)
     for chunk in (2, 3, 5, 12):
-        got = merge_elementwise("drm", base, [a, b], torch.ones(2), p, compute_dtype=torch.float32,
-                                device=torch.device("cpu"), out_dtype=torch.float32, chunk=chunk)
+        got = chunked("drm", VECTOR, base, [a, b], torch.ones(2), p, chunk=chunk)
         assert torch.equal(got, want)
         assert got[0] == -1 and got[2] == -2  # zero-sum entries took the -1 fallback: negatives kept
 
@@ -253,11 +262,10 @@ def test_ties_zero_sum_elects_plus_one_in_every_path(density, weights):
     a = torch.tensor([1.0, -1, 2, -2, 0, 0, -3, -3, -3, -1, -1, -1]) / wa
     b = torch.tensor([-1.0, 1, -2, 2, 0, 0, -1, -1, -1, -2, -2, -2]) / wb
     w = torch.tensor(weights)
-    p = replace(Parameters(), density=density)
+    p = params("ties", density=density)
     want = merge_tensor("ties", VECTOR, base, torch.stack([a, b]), w, p)
     for chunk in (2, 3, 5, 12):
-        got = merge_elementwise("ties", base, [a, b], w, p, compute_dtype=torch.float32,
-                                device=torch.device("cpu"), out_dtype=torch.float32, chunk=chunk)
+        got = chunked("ties", VECTOR, base, [a, b], w, p, chunk=chunk)
         assert torch.equal(got, want)
         # entry 0: w_a a = 1, w_b b = -1, sum 0 -> +1 -> a's weighted 1 over its weight
         assert got[0] == 1 / wa and got[1] == 1 / wb and got[2] == 2 / wa and got[3] == 2 / wb
@@ -269,14 +277,14 @@ def test_cpu_eigensolvers_agree(monkeypatch, direction):
     import numpy
 
     deltas = structured(6, 96, 160, seed=11)
-    p = replace(Parameters(), direction=direction)
-    monkeypatch.setattr(drm, "_available_cpus", lambda: torch.get_num_threads())  # this process owns its CPUs
+    p = DrmParams(direction=direction)
+    monkeypatch.setattr(decompose, "_available_cpus", lambda: torch.get_num_threads())  # this process owns its CPUs
     calls = []
     real_eigh = numpy.linalg.eigh
     monkeypatch.setattr(numpy.linalg, "eigh", lambda *a, **k: calls.append(1) or real_eigh(*a, **k))
     got = {}
     for solver in ("numpy", "torch"):
-        monkeypatch.setattr(drm, "CPU_EIGH", solver)
+        monkeypatch.setattr(decompose, "CPU_EIGH", solver)
         got[solver] = drm_matrix_delta(deltas, torch.ones(6), p)
     assert calls == [1]  # the numpy solver really ran, once
     assert rel(got["numpy"], got["torch"].double()) < 1e-6
@@ -288,9 +296,9 @@ def test_numpy_eigensolver_only_when_the_process_may_use_every_cpu(monkeypatch):
     # (bench/quality's single-thread workers) must stay on torch's solver.
     import numpy
 
-    monkeypatch.setattr(drm, "CPU_EIGH", "numpy")
-    monkeypatch.setattr(drm, "_available_cpus", lambda: torch.get_num_threads() + 1)
+    monkeypatch.setattr(decompose, "CPU_EIGH", "numpy")
+    monkeypatch.setattr(decompose, "_available_cpus", lambda: torch.get_num_threads() + 1)
     monkeypatch.setattr(numpy.linalg, "eigh", lambda *a, **k: pytest.fail("numpy eigh used"))
     deltas = structured(4, 64, 96, seed=3)
-    got = drm_matrix_delta(deltas, torch.ones(4), Parameters())
+    got = drm_matrix_delta(deltas, torch.ones(4), DrmParams())
     assert rel(got, f64_drm(deltas, "vertical")) < 1e-5

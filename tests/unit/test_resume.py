@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-import drmerge.pipeline as pipeline
+import drmerge.execute as execute
 from drmerge.errors import Cancelled, Interrupted, MergeError
 from drmerge.pipeline import discard_partial_output, run_merge
 from drmerge.spec import parse_spec
@@ -36,17 +36,17 @@ def weights_of(folder) -> dict[str, bytes]:
 
 
 class CountMerges:
-    """Counts tensors actually merged (pipeline.merge_one calls)."""
+    """Counts tensors actually merged (execute.merge_one calls)."""
 
     def __init__(self, monkeypatch):
         self.names: list[str] = []
-        real = pipeline.merge_one
+        real = execute.merge_one
 
         def counting(inputs, tp, *a, **kw):
             self.names.append(tp.name)
             return real(inputs, tp, *a, **kw)
 
-        monkeypatch.setattr(pipeline, "merge_one", counting)
+        monkeypatch.setattr(execute, "merge_one", counting)
 
 
 def interrupted_run(spec: dict, after_tensors: int) -> tuple[list[dict], Interrupted]:
@@ -166,7 +166,7 @@ def test_a_failure_while_a_pause_is_requested_keeps_the_output(family, tmp_path,
         lost["flag"] = True  # the heartbeat found the job taken over, and its upload was aborted
         raise MergeError("storage_error", "the upload was aborted under us")
 
-    monkeypatch.setattr(pipeline, "merge_one", boom)
+    monkeypatch.setattr(execute, "merge_one", boom)
     with pytest.raises(Interrupted):
         run_merge(parse_spec(spec), device="cpu", completed_shards=journal, should_pause=lambda: lost["flag"])
     assert files_of(out) == before
@@ -178,7 +178,7 @@ def test_a_failed_run_that_no_longer_owns_its_output_deletes_nothing(family, tmp
     journal, _ = interrupted_run(spec, after_tensors=30)
     before = files_of(out)
     calls = {"merged": 0}
-    real = pipeline.merge_one
+    real = execute.merge_one
 
     def fail_later(*a, **kw):
         calls["merged"] += 1
@@ -186,7 +186,7 @@ def test_a_failed_run_that_no_longer_owns_its_output_deletes_nothing(family, tmp
             raise MergeError("storage_error", "S3 went away")
         return real(*a, **kw)
 
-    monkeypatch.setattr(pipeline, "merge_one", fail_later)
+    monkeypatch.setattr(execute, "merge_one", fail_later)
     asked = []
     with pytest.raises(Interrupted):
         run_merge(parse_spec(spec), device="cpu", completed_shards=journal, on_shard=journal.append,

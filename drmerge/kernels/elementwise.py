@@ -1,21 +1,22 @@
-"""Element-wise merges (task arithmetic, TIES, linear, and DRM's rule for vector-like
-tensors) executed chunk by chunk, so that a large tensor (a 32000 x 4096 embedding) never
-needs T float32 copies of itself plus their temporaries: memory per tensor is the inputs
-as read, the output, and a few chunks.
+"""The element-wise executor: one method's ``ElementwiseRule`` (kernels/rules.py: trim,
+sign rule, divisor, scale) run chunk by chunk over a tensor, so that a large tensor (a
+32000 x 4096 embedding) never needs T float32 copies of itself plus their temporaries:
+memory per tensor is the inputs as read, the output, and a few chunks. It knows no method
+by name: task arithmetic, TIES, linear and DRM's rule for vector-like tensors are rules.
 
-The result equals the whole-tensor functions (``merge_tensor``) exactly. Two quantities
-span a whole tensor: each model's top-k keep-mask threshold (``TopMask``), computed
-first, and DRM's fallback sign of the sign election (that of the sum of all elected
-signs), summed over the chunks as they are merged (the few chunks it changes are merged
-again); TIES's is always +1, as in mergekit. Every chunk goes through the same
-``combine`` (DRM) or ``ties_combine`` (TIES) as a whole tensor would.
+The result equals the whole-tensor form (``rule_delta``, ``MergeMethod.merge_tensor``)
+exactly. Two quantities span a whole tensor: each model's top-k keep-mask threshold
+(``TopMask``), computed first, and DRM's fallback sign of the sign election (that of the
+sum of all elected signs, ``Sign.UNWEIGHTED``), summed over the chunks as they are merged
+(the few chunks it changes are merged again); TIES's (``Sign.WEIGHTED``) is always +1, as
+in mergekit. Every chunk goes through the same ``signs.combine`` as a whole tensor would.
 
-Fast paths, equal bit for bit to the general code (tests/test_perf_paths.py): task
-arithmetic accumulates into preallocated chunk buffers, checking finiteness once on the
-result (a non-finite input always makes it non-finite; the inputs are then checked one
-by one to name the culprit); for TIES/DRM trims the finiteness of every input follows
-from that of the whole deltas computed for the masks, and the sign election reuses the
-sums it computed and skips multiplying by unit weights.
+Fast paths, equal bit for bit to the general code (tests/unit/test_perf_paths.py): a plain
+weighted sum (task arithmetic) accumulates into preallocated chunk buffers, checking
+finiteness once on the result (a non-finite input always makes it non-finite; the inputs
+are then checked one by one to name the culprit); with a trim, the finiteness of every
+input follows from that of the whole deltas computed for the masks, and a sign election
+with unit weights reuses the sums it computed and skips multiplying by the weights.
 """
 
 from __future__ import annotations
@@ -24,30 +25,30 @@ import math
 
 import torch
 
-from ..errors import MergeError
-from ..spec import Parameters
-from .common import TopMask, add_agreeing_, combine, fallback_sign
-from .linear import linear_weights
-from .task_arithmetic import task_arithmetic_delta
-from .ties import ties_combine
+from .rules import Divide, ElementwiseRule, Sign
+from .signs import add_agreeing_, combine, fallback_sign
+from .topk import TopMask, keep_top_magnitudes
 
 CHUNK_ELEMENTS = 1 << 20  # per model: 4 MB of float32 (a chunk's temporaries stay ~100 MB at T=6)
 
 
-def is_elementwise(method: str, kind: str, matrix_kind: str) -> bool:
-    """Every method but DRM on a matrix combines entries independently of each other."""
-    return method != "drm" or kind != matrix_kind
+def rule_delta(rule: ElementwiseRule, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The rule on a whole (T, ...) stack of task deltas at once: the merged delta before
+    the scale (``merge_elementwise`` equals ``W0 + scale * rule_delta``)."""
+    if rule.trims:
+        deltas = torch.stack([keep_top_magnitudes(d, k) for d, k in zip(deltas, rule.keeps(deltas.shape[0]))])
+    return combine(deltas, weights, rule.sign, rule.divide)
 
 
-def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: torch.Tensor,
-                      p: Parameters, *, compute_dtype: torch.dtype, device: torch.device, out_dtype: torch.dtype,
-                      check_finite=None, chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def merge_elementwise(rule: ElementwiseRule, base: torch.Tensor | None, tensors: list[torch.Tensor],
+                      weights: torch.Tensor, *, compute_dtype: torch.dtype, device: torch.device,
+                      out_dtype: torch.dtype, check_finite=None, chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Merged tensor (``out_dtype``, on the CPU) of ``tensors`` (as read, any float dtype;
-    or pipeline.LazyTensor objects that read each chunk from storage when it is needed).
+    or inputs.LazyTensor objects that read each chunk from storage when it is needed).
 
     ``check_finite(base_chunk, stack_chunk)`` raises if a chunk's inputs are not finite;
     it is called on a chunk's inputs before use unless they are already known to be finite
-    (TIES / trims: from the whole deltas; task arithmetic: from a finite result)."""
+    (trims: from the whole deltas; a plain sum: from a finite result)."""
     shape = tensors[0].shape
     flats = [t.reshape(-1) for t in tensors]
     flat_base = base.reshape(-1) if base is not None else None
@@ -55,13 +56,12 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
     spans = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
     w = weights.to(device=device, dtype=compute_dtype)
     unit = bool((w == 1).all())  # x * 1 == x exactly: the weighting can be skipped
-    if method == "task_arithmetic" and flat_base is not None:
-        return _task_arithmetic(flat_base, flats, w, unit, p.scale, spans, compute_dtype=compute_dtype,
-                                device=device, out_dtype=out_dtype, check_finite=check_finite).reshape(shape)
-
-    if method == "linear":  # an average of the weights themselves: the base takes no part
-        return _linear(flats, w, spans, compute_dtype=compute_dtype, device=device, out_dtype=out_dtype,
-                       check_finite=check_finite).reshape(shape)
+    if rule.of_weights:  # e.g. linear: an average of the weights themselves; the base takes no part
+        return _of_weights(rule, flats, w, spans, compute_dtype=compute_dtype, device=device, out_dtype=out_dtype,
+                           check_finite=check_finite).reshape(shape)
+    if flat_base is not None and rule.sign == Sign.NONE and rule.divide == Divide.NONE and not rule.trims:
+        return _weighted_sum(flat_base, flats, w, unit, rule.scale, spans, compute_dtype=compute_dtype,
+                             device=device, out_dtype=out_dtype, check_finite=check_finite).reshape(shape)
 
     def load(a: int, b: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         stack = _stack(flats, a, b, compute_dtype, device)
@@ -72,28 +72,30 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
             stack -= bc
         return bc, stack
 
-    electing = method in ("ties", "drm") and p.sign_election
-    # Whole-tensor quantities first: per-model keep-masks (TIES density / DRM's optional
-    # trim) and, for the sign election, the entry sums (see _masks) that give DRM's fallback
-    # sign and the unit-weight fast path its majority signs. TIES's sign at a zero sum is
-    # always +1 (mergekit's), so its chunks need nothing else from the whole tensor.
-    fraction = p.density if method == "ties" else (1.0 - p.nonlinear_drop_rate if method == "drm" else 1.0)
+    # Whole-tensor quantities first: per-model keep-masks (the trim) and, for a sign
+    # election, the entry sums (see _masks) that give DRM's fallback sign and the
+    # unit-weight fast path its majority signs. TIES's sign at a zero sum is always +1
+    # (mergekit's), so its chunks need nothing else from the whole tensor.
     masks, total, inputs_finite = None, None, False
     fallback = None
-    if fraction < 1.0 and n:
-        sums = electing and (method == "drm" or (unit and flat_base is not None))
-        masks, total, inputs_finite = _masks(flats, flat_base, fraction, spans, sums=sums,
+    if rule.trims and n:
+        sums = rule.elects and (rule.sign == Sign.UNWEIGHTED or (unit and flat_base is not None))
+        masks, total, inputs_finite = _masks(flats, flat_base, rule.keeps(len(flats)), spans, sums=sums,
                                              compute_dtype=compute_dtype, device=device)
         if total is not None:
-            if method == "ties":
+            if rule.sign == Sign.WEIGHTED:
                 fallback = torch.ones((), dtype=compute_dtype, device=device)
             else:
                 sign_sum = sum(float(torch.sign(total[a:b]).sum()) for a, b in spans)
                 fallback = fallback_sign(torch.tensor(sign_sum, dtype=compute_dtype, device=device))
-            if unit and flat_base is not None and (inputs_finite or check_finite is None):
+            # With unit weights the weighted and unweighted signs agree and the kept weights
+            # are a count: TIES's rule is DRM's with the fallback +1.
+            if unit and flat_base is not None and (inputs_finite or check_finite is None) \
+                    and rule.divide in (Divide.COUNT, Divide.KEPT_WEIGHTS, Divide.MODELS):
                 out = torch.empty(n, dtype=out_dtype)
-                _elect_trimmed_unit(flat_base, flats, masks, total, fallback, spans, out, disjoint_mean=p.disjoint_mean,
-                                    scale=p.scale, compute_dtype=compute_dtype, device=device)
+                _elect_trimmed_unit(flat_base, flats, masks, total, fallback, spans, out,
+                                    disjoint_mean=rule.divide != Divide.MODELS, scale=rule.scale,
+                                    compute_dtype=compute_dtype, device=device)
                 return out.reshape(shape)
             del total
 
@@ -107,18 +109,10 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
     out = torch.empty(n, dtype=out_dtype)
     sign_sum = 0.0
     provisional = torch.ones((), dtype=compute_dtype, device=device)
-    redo: list[tuple[int, int]] = []  # DRM chunks whose result depends on the fallback sign
+    redo: list[tuple[int, int]] = []  # chunks whose result depends on DRM's fallback sign
     for a, b in spans:
         bc, stack = trimmed(a, b)
-        if method == "task_arithmetic":
-            delta = task_arithmetic_delta(stack, w)
-        elif method == "ties":
-            delta = ties_combine(stack, w, sign_election=p.sign_election, disjoint_mean=p.disjoint_mean)
-        elif method != "drm":
-            raise MergeError("internal_error", f"method {method!r} is not element-wise")
-        elif electing and fallback is not None:  # known from the masks' pass
-            delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean, fallback=fallback)
-        elif electing:
+        if rule.sign == Sign.UNWEIGHTED and fallback is None:
             # DRM's fallback sign (for entries whose sum is exactly 0) spans the whole tensor;
             # it only matters where such an entry has a nonzero delta. Merge with +1 now and
             # redo just those chunks if the tensor's fallback turns out to be -1.
@@ -126,23 +120,24 @@ def merge_elementwise(method: str, base: torch.Tensor | None, tensors: list[torc
             sign_sum += float(torch.sign(total).sum())
             if bool(((total == 0) & (stack != 0).any(dim=0)).any()):
                 redo.append((a, b))
-            delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean, fallback=provisional)
-        else:
-            delta = combine(stack, w, sign_election=False, disjoint_mean=p.disjoint_mean)
-        _store(out, a, b, bc, delta, p.scale)
+            delta = combine(stack, w, rule.sign, rule.divide, fallback=provisional)
+        else:  # the fallback is known (from the masks' pass), or not needed
+            delta = combine(stack, w, rule.sign, rule.divide, fallback=fallback)
+        _store(out, a, b, bc, delta, rule.scale)
     if redo:
         fallback = fallback_sign(torch.tensor(sign_sum, dtype=compute_dtype, device=device))
         if fallback != provisional:
             for a, b in redo:
                 bc, stack = trimmed(a, b)
-                delta = combine(stack, w, sign_election=True, disjoint_mean=p.disjoint_mean, fallback=fallback)
-                _store(out, a, b, bc, delta, p.scale)
+                delta = combine(stack, w, rule.sign, rule.divide, fallback=fallback)
+                _store(out, a, b, bc, delta, rule.scale)
     return out.reshape(shape)
 
 
-def _masks(flats: list, flat_base, fraction: float, spans: list[tuple[int, int]], *, sums: bool,
+def _masks(flats: list, flat_base, keeps: tuple[float, ...], spans: list[tuple[int, int]], *, sums: bool,
            compute_dtype: torch.dtype, device: torch.device):
-    """One pass over each model's whole delta: its keep-mask (``TopMask``) and, if ``sums``,
+    """One pass over each model's whole delta: its keep-mask (``TopMask``, keeping the
+    fraction ``keeps[i]``) and, if ``sums``,
     the entry sums of the trimmed, unweighted deltas (DRM elects on those; TIES, on the
     weighted ones, asks for them only with unit weights), accumulated model after model as
     ``stack.sum(dim=0)`` adds them. Also whether every input is finite (``W_t - W0`` finite
@@ -161,7 +156,7 @@ def _masks(flats: list, flat_base, fraction: float, spans: list[tuple[int, int]]
                 d -= whole_base
         all_finite = all_finite and _finite(d)
         mags = d.abs()
-        mask = TopMask.of_magnitudes(mags, fraction)
+        mask = TopMask.of_magnitudes(mags, keeps[i])
         masks.append(mask)
         if total is not None:
             for a, b in spans:  # chunk views: temporaries stay chunk-sized
@@ -175,11 +170,12 @@ def _masks(flats: list, flat_base, fraction: float, spans: list[tuple[int, int]]
 def _elect_trimmed_unit(flat_base, flats: list, masks: list[TopMask], total: torch.Tensor, fallback: torch.Tensor,
                         spans: list[tuple[int, int]], out: torch.Tensor, *, disjoint_mean: bool, scale: float,
                         compute_dtype: torch.dtype, device: torch.device) -> None:
-    """TIES / trimmed DRM rule with unit weights, the sums ``total`` and the fallback sign
-    already known: ``combine(trimmed, ones, sign_election=True, fallback=fallback)`` chunk
-    by chunk, model by model (``add_agreeing_``), in preallocated buffers (no per-chunk
-    allocations). With unit weights TIES's rule (``ties_combine``) is this one with the
-    fallback +1: weighted and unweighted signs agree and the kept weights are a count."""
+    """A trimmed, sign-electing rule with unit weights, the sums ``total`` and the fallback
+    sign already known: ``combine(trimmed, ones, Sign.UNWEIGHTED, COUNT or MODELS,
+    fallback)`` chunk by chunk, model by model (``add_agreeing_``), in preallocated buffers
+    (no per-chunk allocations). With unit weights TIES's rule (``Sign.WEIGHTED``,
+    ``Divide.KEPT_WEIGHTS``) is this one with the fallback +1: weighted and unweighted
+    signs agree and the kept weights are a count."""
     size = max(b - a for a, b in spans)
 
     def buf(dtype=compute_dtype):
@@ -219,18 +215,24 @@ def _stack(flats: list, a: int, b: int, compute_dtype: torch.dtype, device: torc
     return stack
 
 
-def _linear(flats: list, w: torch.Tensor, spans: list[tuple[int, int]], *, compute_dtype: torch.dtype,
-            device: torch.device, out_dtype: torch.dtype, check_finite) -> torch.Tensor:
-    """``sum_t w_t W_t / sum_t w_t`` chunk by chunk. Only the models' weights enter it: with
-    a ``base_model`` the base still shapes the plan (and supplies the copied tensors), but a
-    merged tensor is never relative to it (subtracting it would average the deltas)."""
+def _of_weights(rule: ElementwiseRule, flats: list, w: torch.Tensor, spans: list[tuple[int, int]], *,
+                compute_dtype: torch.dtype, device: torch.device, out_dtype: torch.dtype, check_finite) -> torch.Tensor:
+    """The rule on the models' weights themselves, chunk by chunk (linear: ``sum_t w_t W_t /
+    sum_t w_t``). With a ``base_model`` the base still shapes the plan (and supplies the
+    copied tensors), but a merged tensor is never relative to it (subtracting it would
+    average the deltas)."""
+    if rule.trims:
+        raise ValueError("a rule on the models' weights cannot trim them (keep must be 1)")
     n = flats[0].numel()
     out = torch.empty(n, dtype=out_dtype)
     for a, b in spans:
         stack = _stack(flats, a, b, compute_dtype, device)
         if check_finite is not None:
             check_finite(None, stack)
-        out[a:b] = linear_weights(stack, w).to(out_dtype).cpu()
+        merged = combine(stack, w, rule.sign, rule.divide)
+        if rule.scale != 1.0:
+            merged = merged * rule.scale
+        out[a:b] = merged.to(out_dtype).cpu()
     return out
 
 
@@ -251,11 +253,12 @@ def _store(out: torch.Tensor, a: int, b: int, bc: torch.Tensor, delta: torch.Ten
         out[a:b] = merged.to(out.dtype).cpu()
 
 
-def _task_arithmetic(flat_base: torch.Tensor, flats: list, w: torch.Tensor, unit: bool, scale: float,
-                     spans: list[tuple[int, int]], *, compute_dtype: torch.dtype, device: torch.device,
+def _weighted_sum(flat_base: torch.Tensor, flats: list, w: torch.Tensor, unit: bool, scale: float,
+                  spans: list[tuple[int, int]], *, compute_dtype: torch.dtype, device: torch.device,
                      out_dtype: torch.dtype, check_finite) -> torch.Tensor:
-    """``W0 + lam * sum_t w_t (W_t - W0)`` chunk by chunk in three preallocated buffers
-    (the sum in the order ``(stack * w).sum(dim=0)`` adds, so the result is the same)."""
+    """``W0 + lam * sum_t w_t (W_t - W0)`` (task arithmetic) chunk by chunk in three
+    preallocated buffers (the sum in the order ``(stack * w).sum(dim=0)`` adds, so the
+    result is the same as ``combine``'s)."""
     n = flats[0].numel()
     out = torch.empty(n, dtype=out_dtype)
     if not spans:

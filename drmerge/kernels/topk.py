@@ -1,7 +1,5 @@
-"""Building blocks of the sign-electing merges, DRM and TIES: the top-k trim (both), the
-majority sign (both, with their own rule for an exactly-zero sum), the sign-agreeing
-accumulation of their unit-weight fast paths, and DRM's elect-weight-mean step
-(``combine``; TIES's own is methods/ties.py ``ties_combine``)."""
+"""The top-k magnitude trim (TIES's density, DRM's trim of vector-like tensors) and the
+k-th largest magnitude it rests on (also DRM's pooled pruning, step 4)."""
 
 from __future__ import annotations
 
@@ -90,60 +88,3 @@ def kth_largest(mags: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
     greater = int((mags > threshold).sum())
     equal = (mags == threshold).nonzero().reshape(-1)  # empty for a NaN threshold: no tie kept
     return threshold, greater, int(equal[min(k - greater, equal.numel()) - 1]) if equal.numel() else -1
-
-
-def elect_signs(stack: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-entry majority sign of a (T, ...) stack: ``sign(sum_t stack_t)``, and ``fallback``
-    where that sum is exactly zero, so every entry gets a definite sign.
-
-    DRM's fallback (the default) is the sign of the sum of all elected signs; given, it is
-    that sign computed over a whole tensor this stack is a chunk of (methods.elementwise).
-    TIES passes +1, mergekit's choice.
-    """
-    total = stack.sum(dim=0)
-    sigma = torch.sign(total)
-    if fallback is None:
-        fallback = fallback_sign(sigma.sum())
-    return torch.where(total == 0, fallback.to(sigma.dtype), sigma)
-
-
-def fallback_sign(sign_sum: torch.Tensor) -> torch.Tensor:
-    """Sign used where an entry's sum is zero: that of the sum of elected signs, else +1."""
-    fallback = torch.sign(sign_sum)
-    if fallback == 0:
-        fallback = torch.ones((), dtype=fallback.dtype, device=fallback.device)
-    return fallback
-
-
-def add_agreeing_(row: torch.Tensor, sigma: torch.Tensor, merged: torch.Tensor, count: torch.Tensor,
-                  sign: torch.Tensor, agree: torch.Tensor) -> None:
-    """One model's step of a sign-elected disjoint mean, in place: add to ``merged`` the
-    entries of ``row`` whose sign equals the elected ``sigma`` (+-1 everywhere, so zero
-    entries never agree) and count them in ``count``. ``row`` is overwritten; ``sign`` and
-    ``agree`` are scratch buffers of its shape. A disagreeing entry is multiplied by 0 rather
-    than replaced by +0; the sums start from +0, so no sum changes."""
-    torch.sign(row, out=sign)
-    torch.eq(sign, sigma, out=agree)
-    count += agree
-    row *= agree
-    merged += row
-
-
-def combine(stack: torch.Tensor, weights: torch.Tensor, *, sign_election: bool,
-            disjoint_mean: bool, fallback: torch.Tensor | None = None) -> torch.Tensor:
-    """DRM's steps 6-8 (DESIGN.md s.3) over a (T, ...) stack: elect signs on the unweighted
-    values, zero the entries that disagree, weight, and take the mean over the nonzero
-    entries (their count), or over T. ``weights`` has shape (T,). ``fallback``: see
-    ``elect_signs``. (TIES elects on the weighted values and divides by the kept weights:
-    methods/ties.py.)
-    """
-    w = weights.to(stack.dtype).reshape((-1,) + (1,) * (stack.dim() - 1))
-    weighted = stack * w
-    if sign_election:
-        sigma = elect_signs(stack, fallback)
-        weighted = torch.where(torch.sign(stack) == sigma, weighted, torch.zeros((), dtype=stack.dtype, device=stack.device))
-    total = weighted.sum(dim=0)
-    if disjoint_mean:
-        count = (weighted != 0).sum(dim=0).clamp_min(1)
-        return total / count
-    return total / stack.shape[0]
