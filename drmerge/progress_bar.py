@@ -99,8 +99,11 @@ class TerminalProgress:
             self.stream.write(line + "\n")
             self.stream.flush()
 
-    def close(self) -> None:
+    def close(self, clear: bool = False) -> None:
+        """End the bar: it stays on screen, or with ``clear`` it is wiped."""
         if self._bar is not None:
+            if clear:
+                self._bar.leave = False
             self._bar.close()
             self._bar = None
         self._counting = False

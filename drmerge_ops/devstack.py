@@ -20,8 +20,10 @@ import shutil
 import sys
 import time
 
+from drmerge.cli import CommandError
+
 from . import devservers
-from .processes import pid_alive, pid_cmdline, service_env, start_api, start_worker, stop_process
+from .processes import StackError, pid_alive, pid_cmdline, service_env, start_api, start_worker, stop_process
 
 STATE_FILE = "state.json"
 
@@ -115,8 +117,11 @@ def up(state_dir: str = ".drmerge-dev", *, demo: bool = False, api_port: int = 8
     except BaseException as e:
         for pid in reversed(started):
             stop_process(pid, 5)
-        print(f"error: internal_error: the dev stack did not start: {e}", file=sys.stderr)
-        return 1
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        code = "unavailable" if isinstance(e, (StackError, devservers.ServerStartError)) else "internal_error"
+        # A server's log tail comes first; the error line stays last (drmerge.cli's contract).
+        raise CommandError(code, f"the dev stack did not start: {e}") from None
     state = {
         "api_url": f"http://127.0.0.1:{port}",
         "api_key": api_key,
@@ -204,7 +209,8 @@ def status(state_dir: str = ".drmerge-dev", *, as_json: bool = False, out=sys.st
     state = _load_state(os.path.abspath(state_dir))
     if state is None:
         print(json.dumps({"running": False}) if as_json else "no dev stack running here", file=out)
-        return 1
+        raise CommandError("not_found", f"no dev stack in {os.path.abspath(state_dir)} (start one with "
+                                        "`drmerge dev up`)")
     alive = _procs_alive(state)
     ready = None
     try:
@@ -222,7 +228,11 @@ def status(state_dir: str = ".drmerge-dev", *, as_json: bool = False, out=sys.st
         if ready:
             print(f"  readyz  {ready.get('status')}, live workers: {ready.get('workers', {}).get('live')}", file=out)
         _print_stack(state, out)
-    return 0 if all(alive.values()) else 1
+    down = [name for name, ok in alive.items() if not ok]
+    if down:
+        raise CommandError("unavailable", f"the dev stack is partly down ({', '.join(down)} not running); "
+                                          "`drmerge dev up` restarts it")
+    return 0
 
 
 def _demo(state: dict, out) -> int:

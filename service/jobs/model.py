@@ -50,12 +50,21 @@ def new_job_id(now: float | None = None) -> str:
         if ms <= _last_id[0]:
             ms, rnd = _last_id[0], (_last_id[1] + 1 + (rnd & 0xFFFF)) % (1 << 80)
         _last_id[0], _last_id[1] = ms, rnd
-    n = (ms << 80) | rnd
+    return _encode((ms << 80) | rnd)
+
+
+def _encode(n: int) -> str:
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[n & 31])
         n >>= 5
     return "mrg_" + "".join(reversed(chars))
+
+
+def id_bound(ts: float) -> str:
+    """The smallest id of a job created in the millisecond of unix time ``ts``: every job
+    created earlier sorts before it, every job created then or later at or after it."""
+    return _encode(int(ts * 1000) << 80)
 
 
 def is_job_id(value: str) -> bool:
@@ -141,6 +150,8 @@ class Job:
     def public(self) -> dict:
         """The job as the API returns it and webhooks send it (never the webhook secret)."""
         progress = dict(empty_progress(), **(self.progress or {}))
+        if self.terminal:
+            progress["eta_seconds"] = None  # an ended job has no time left to estimate (a cancelled one neither)
         webhook = None
         if self.webhook:
             state = self.webhook_state or {}
