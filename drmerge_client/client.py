@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 import httpx
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from service.jobs.status import JobStatus
 
@@ -121,7 +121,7 @@ class Client:
     """``with Client() as c: job = c.create(spec); job = c.wait(job.id, on_progress=print)``.
 
     ``retries``: further attempts after the first; ``backoff_s``/``max_backoff_s``: the
-    exponential backoff (with jitter) between them; ``max_retry_after_s``: the longest
+    exponential backoff between them (full jitter: a random wait up to the doubling bound); ``max_retry_after_s``: the longest
     ``Retry-After`` honoured (longer ones are cut to it)."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
@@ -161,7 +161,7 @@ class Client:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, _Retry) and exc.retry_after is not None:
             return min(exc.retry_after, self.max_retry_after_s)
-        return wait_exponential_jitter(initial=self.backoff_s, max=self.max_backoff_s)(state)
+        return wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s)(state)
 
     def _request(self, method: str, path: str, *, idempotent: bool = True, ok=(200,), **kw) -> httpx.Response:
         """One API call with the retry policy of the module docstring; an ApiError for an
