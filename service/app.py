@@ -25,8 +25,9 @@ from .keys import AsyncKeyLookup
 from .limits import BodyLimitMiddleware
 from .metrics import RedisCollector, build_info, instrument_http
 from .query import known_query_only
+from .security_headers import SecurityHeadersMiddleware
 from .reaper import Reaper
-from .routes import health, merges
+from .routes import health, merges, ui
 from .settings import Settings, get_settings
 from .webhooks import WebhookDeliverer
 
@@ -84,9 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        problem_type_base=settings.problem_type_base)
     app.add_middleware(AuthMiddleware, lookup=key_lookup, problem_type_base=settings.problem_type_base)
+    app.add_middleware(SecurityHeadersMiddleware)  # CSP and friends on /ui, /docs, /redoc
     instrument_http(app, registry)  # outermost: every answer is counted, a 401 or a 413 too
     app.include_router(merges.router)
     app.include_router(health.router)
+    ui.mount(app)  # the job page, /ui
     return app
 
 
