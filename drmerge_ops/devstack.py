@@ -170,7 +170,8 @@ def _private_file(path: str):
 
 def _print_stack(state: dict, out) -> None:
     rel = os.path.relpath(os.path.dirname(state["processes"]["api"]["log"]))
-    print(f"  API       {state['api_url']}   (docs: {state['api_url']}/docs)", file=out)
+    print(f"  API       {state['api_url']}   (docs: {state['api_url']}/docs, job page: {state['api_url']}/ui)",
+          file=out)
     if state.get("api_key"):
         print(f"  API key   {state['api_key']}   (tenant dev; the client commands here use it)", file=out)
     print(f"  S3        {state['s3_endpoint_url']}   (key {state['aws_access_key_id']})", file=out)
