@@ -43,7 +43,9 @@ _last_id = [0, 0]  # (ms, random) of the newest id this process made
 def new_job_id(now: float | None = None) -> str:
     """``mrg_`` + a lowercase ULID: 48 bits of milliseconds then 80 random bits, so ids
     sort by creation time (the list index relies on this) and never collide. Within one
-    process ids are strictly increasing even inside one millisecond."""
+    process ids are strictly increasing even inside one millisecond, and even if the clock
+    steps back (python-ulid's generator is not used for that reason: its monotonic policy
+    only covers ids made in the same millisecond)."""
     ms = int((time.time() if now is None else now) * 1000)
     rnd = int.from_bytes(os.urandom(10), "big")
     with _id_lock:
