@@ -115,3 +115,16 @@ def test_jobs_never_says_100_percent_for_a_failed_job_nor_an_eta_for_a_cancelled
     assert by_id[cancelled][1:4] == ["cancelled", "25%", "-"]
     status = drmerge(service_stack, "status", failed, key=key, cwd=tmp_path)
     assert "99%" in status.stdout and "100%" not in status.stdout and "eta" not in status.stdout
+
+
+def test_events_follow_streams_until_the_job_ends(service_stack, slow_family, tmp_path):
+    import json
+
+    job = service_stack.submit(slow_family.spec("merged/events-follow/"))
+    r = drmerge(service_stack, "events", job["id"], "--follow", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    ids = [e["id"] for e in events]
+    assert ids == list(range(1, len(ids) + 1))  # every event once, in order, none lost at the switch to the stream
+    assert events[-1]["type"] == "status" and events[-1]["to"] == "succeeded"
+    assert any(e["type"] == "stage" and e.get("stage") == "merging" for e in events)
