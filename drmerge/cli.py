@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
+import traceback
 
 from .errors import MergeError
 
@@ -21,31 +22,30 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, sparse lines otherwise)."""
+class CommandError(Exception):
+    """A command's failure with a stable ``code`` (the engine's codes, or those of the
+    service commands: ``invalid_config``, ``invalid_request``, ``unavailable``,
+    ``not_found``, ...) and the exit status to end with."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream, self.width = stream, width
-        self.tty = stream.isatty()
-        self.started = time.monotonic()
-        self.last = 0.0
+    def __init__(self, code: str, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code, self.message, self.exit_code = code, message, exit_code
+
+
+class ProgressBar:
+    """``run_merge``'s progress callback for ``drmerge merge``: the engine's stages and
+    tensor counts on a drmerge.progress_bar.TerminalProgress."""
+
+    def __init__(self, stream=None):
+        from .progress_bar import TerminalProgress
+
+        self.bar = TerminalProgress(stream if stream is not None else sys.stderr)
 
     def __call__(self, p) -> None:
-        now = time.monotonic()
         final = p.stage == "done"
-        if not final and now - self.last < (0.1 if self.tty else 5.0):
-            return
-        self.last = now
-        frac = p.tensors_done / p.tensors_total if p.tensors_total else 0.0
-        filled = int(frac * self.width)
-        line = (f"{p.stage:<10} [{'#' * filled}{'.' * (self.width - filled)}] "
-                f"{p.tensors_done}/{p.tensors_total} tensors  {p.bytes_read / 1e6:,.0f} MB read  "
-                f"{p.bytes_written / 1e6:,.0f} MB written  {now - self.started:,.1f}s")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self.bar.update(p.stage, p.tensors_done, p.tensors_total,
+                        note=f"{p.bytes_read / 1e6:,.0f} MB in, {p.bytes_written / 1e6:,.0f} MB out",
+                        final=final)
 
 
 def _load(path: str, overwrite: bool = False):
@@ -59,19 +59,26 @@ def cmd_merge(args) -> int:
     from .pipeline import run_merge
 
     spec = _load(args.spec, args.overwrite)
-    result = run_merge(spec, device=args.device, progress=None if args.json else ProgressBar())
     if args.json:
-        print(json.dumps(result.to_dict()))
-    else:
-        for w in result.warnings:
+        print(json.dumps(run_merge(spec, device=args.device).to_dict()))
+        return 0
+    bar = ProgressBar()
+    try:
+        # The engine's warnings go above the bar as they happen (not into its line).
+        with bar.bar.warnings_above() as shown:
+            result = run_merge(spec, device=args.device, progress=bar)
+    finally:
+        bar.bar.close()
+    for w in result.warnings:
+        if w not in shown:
             print(f"warning: {w}", file=sys.stderr)
-        print(f"merged {result.tensors} tensors with {spec.method} on {result.device} in {result.seconds:.1f}s")
-        print(f"  read {result.bytes_read / 1e6:,.1f} MB, wrote {result.bytes_written / 1e6:,.1f} MB "
-              f"in {len(result.files)} files")
-        if result.adapter:
-            print(f"  adapter: rank {result.adapter['rank']}, {100 * result.adapter['energy_kept']:.2f}% of the "
-                  "merged deltas' energy kept")
-        print(f"  output: {result.output}")
+    print(f"merged {result.tensors} tensors with {spec.method} on {result.device} in {result.seconds:.1f}s")
+    print(f"  read {result.bytes_read / 1e6:,.1f} MB, wrote {result.bytes_written / 1e6:,.1f} MB "
+          f"in {len(result.files)} files")
+    if result.adapter:
+        print(f"  adapter: rank {result.adapter['rank']}, {100 * result.adapter['energy_kept']:.2f}% of the "
+              "merged deltas' energy kept")
+    print(f"  output: {result.output}")
     return 0
 
 
@@ -116,11 +123,22 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_validate)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors keep the contract: the usage, then ``error:
+    invalid_request: <message>`` as the last line, exit 2 (subcommands' parsers are of
+    this class too)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        print(f"error: invalid_request: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def new_parser(description: str) -> tuple[argparse.ArgumentParser, object]:
     """The ``drmerge`` parser with ``--version`` and an empty set of subcommands."""
     from .version import __version__
 
-    parser = argparse.ArgumentParser(prog="drmerge", description=description)
+    parser = Parser(prog="drmerge", description=description)
     parser.add_argument("--version", action="version", version=f"drmerge {__version__}")
     return parser, parser.add_subparsers(dest="command", required=True)
 
@@ -140,19 +158,31 @@ def run(parser: argparse.ArgumentParser, argv=None) -> int:
         return args.func(args)
     except MergeError as e:
         return _fail(args, e.code, e.message, e.param)
+    except CommandError as e:
+        return _fail(args, e.code, e.message, exit_code=e.exit_code)
     except KeyboardInterrupt:
         return _fail(args, "cancelled", "interrupted")
+    except Exception as e:  # a bug: still one error line (the traceback on request)
+        if os.environ.get("DRMERGE_DEBUG"):
+            traceback.print_exc()
+        hint = "" if os.environ.get("DRMERGE_DEBUG") else " (DRMERGE_DEBUG=1 shows the traceback)"
+        return _fail(args, "internal_error", f"unexpected {type(e).__name__}: {e}{hint}")
 
 
 def main(argv=None) -> int:
     return run(build_parser(), argv)
 
 
-def _fail(args, code: str, message: str, param=None) -> int:
+def _fail(args, code: str, message: str, param=None, exit_code: int = EXIT_ERROR) -> int:
+    """The contract's last stderr line. A message of several lines (a server's log tail)
+    prints its later lines first, so the ``error:`` line stays one line and the last."""
+    first, _, rest = str(message).strip().partition("\n")
     if getattr(args, "json", False):
         print(json.dumps({"error": {"code": code, "message": message, "param": param}}))
-    print(f"error: {code}: {message}", file=sys.stderr)
-    return EXIT_ERROR
+    if rest.strip():
+        print(rest.rstrip(), file=sys.stderr)
+    print(f"error: {code}: {first}", file=sys.stderr)
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
-from service.jobs.status import OWNED, STATUSES, TERMINAL, JobStatus
+from service.jobs.status import OWNED, STATUSES, JobStatus
 
 from .exits import EXIT_API, EXIT_FAILED, EXIT_OK, WAIT_EXIT
 
@@ -43,6 +42,10 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("jobs", help="list recent merge jobs, newest first")
     p.add_argument("--status", choices=[str(s) for s in STATUSES])
+    p.add_argument("--metadata", "-m", action="append", default=[], metavar="KEY=VALUE",
+                   help="only jobs with this metadata (repeat: all must match)")
+    p.add_argument("--created-after", metavar="TIME", help="only jobs created at or after this RFC 3339 time")
+    p.add_argument("--created-before", metavar="TIME", help="only jobs created before this RFC 3339 time")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--after", help="cursor: list jobs older than this id")
     p.add_argument("--json", action="store_true")
@@ -55,7 +58,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("events", help="show a merge job's event log")
     p.add_argument("id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="then follow it live (the server-sent event stream) until the job ends")
+    p.add_argument("--json", action="store_true", help="the log as JSON (with --follow: one event per line)")
     p.set_defaults(func=cmd_events)
 
 
@@ -66,18 +71,26 @@ def _client():
     return Client()
 
 
-def _api_error(e) -> int:
-    print(f"error: {e.code}: {e.detail}" + (f" (param: {e.param})" if e.param else ""), file=sys.stderr)
-    return EXIT_API
-
-
 def _run_client(fn) -> int:
     from drmerge_client import ApiError
 
     try:
         return fn()
     except ApiError as e:
-        return _api_error(e)
+        print(f"error: {e.code}: {e.detail}" + (f" (param: {e.param})" if e.param else ""), file=sys.stderr)
+        return EXIT_API
+
+
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    from drmerge.cli import CommandError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError("invalid_request", f"{option} wants KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
 
 
 def cmd_submit(args) -> int:
@@ -96,24 +109,18 @@ def cmd_submit(args) -> int:
         return EXIT_FAILED
     if args.overwrite:
         spec["overwrite"] = True
-    metadata = {}
-    for item in args.metadata:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"error: invalid_request: --metadata wants KEY=VALUE, got {item!r}", file=sys.stderr)
-            return EXIT_FAILED
-        metadata[key] = value
+    metadata = _pairs(args.metadata, "--metadata")
     webhook = None
     if args.webhook:
         webhook = {"url": args.webhook, **({"secret": args.webhook_secret} if args.webhook_secret else {})}
 
     def run() -> int:
         with _client() as c:
-            job = c.submit(spec, webhook=webhook, metadata=metadata or None, idempotency_key=args.idempotency_key)
+            job = c.create(spec, webhook=webhook, metadata=metadata or None, idempotency_key=args.idempotency_key)
             if args.wait:
-                print(job["id"], file=sys.stderr)
-                return _wait(c, job["id"], None, 1.0, args.json)
-        print(json.dumps(job, indent=2) if args.json else job["id"])
+                print(job.id, file=sys.stderr)
+                return _wait(c, job.id, None, 1.0, args.json)
+        print(json.dumps(job.raw, indent=2) if args.json else job.id)
         return EXIT_OK
 
     return _run_client(run)
@@ -128,89 +135,131 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def describe(job: dict) -> str:
-    p = job.get("progress") or {}
-    lines = [f"{job['id']}  {job['status']}",
-             f"  created  {job.get('created_at')}"]
-    if job.get("started_at"):
-        lines.append(f"  started  {job['started_at']}")
-    if job.get("finished_at"):
-        lines.append(f"  finished {job['finished_at']}")
-    spec = job.get("spec") or {}
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _time(dt) -> str:
+    from drmerge_client.models import format_time
+
+    return format_time(dt) or "-"
+
+
+def percent(job) -> str:
+    """The progress column: ``-`` until the tensors are counted; 100% only for a job that
+    succeeded (a failed or cancelled one, or one still finalizing, shows at most 99%)."""
+    if job.status == JobStatus.SUCCEEDED:
+        return "100%"
+    if not job.progress.tensors_total:
+        return "-"
+    return f"{min(99, int(100 * job.progress.fraction))}%"
+
+
+def eta(job) -> str | None:
+    """Time left, only for a job that is running (never for a cancelled or ended one)."""
+    if job.status != JobStatus.RUNNING or job.progress.eta_seconds is None:
+        return None
+    return _fmt_seconds(job.progress.eta_seconds)
+
+
+def describe(job, warnings: list[str] | None = None) -> str:
+    p = job.progress
+    lines = [f"{job.id}  {job.status}",
+             f"  created  {_time(job.created_at)}"]
+    if job.started_at:
+        lines.append(f"  started  {_time(job.started_at)}")
+    if job.finished_at:
+        lines.append(f"  finished {_time(job.finished_at)}")
+    spec = job.spec
     lines.append(f"  method   {spec.get('method')}  models {len(spec.get('models') or [])}  output {spec.get('output')}")
-    if job["status"] in OWNED or p.get("tensors_total"):
-        eta = p.get("eta_seconds")
-        lines.append(f"  progress {p.get('stage') or '-'}  {p.get('tensors_done', 0)}/{p.get('tensors_total', 0)} tensors"
-                     f"  {100 * (p.get('fraction') or 0):.0f}%  read {_fmt_bytes(p.get('bytes_read'))}"
-                     f"  written {_fmt_bytes(p.get('bytes_written'))}" + (f"  eta {eta:.0f}s" if eta else ""))
-    if job.get("result"):
-        r = job["result"]
-        lines.append(f"  result   {r.get('output')}  ({len(r.get('files') or [])} files, "
-                     f"{_fmt_bytes(r.get('bytes_written'))}, {r.get('seconds', 0):.1f}s)")
-        for f in r.get("files") or []:
-            lines.append(f"           {f['name']}  {_fmt_bytes(f['size'])}  sha256:{f['sha256'][:16]}...")
-    if job.get("error"):
-        e = job["error"]
-        lines.append(f"  error    {e.get('code')}: {e.get('message')}" + (f" (param: {e['param']})" if e.get("param") else ""))
-    if job.get("metadata"):
-        lines.append("  metadata " + ", ".join(f"{k}={v}" for k, v in job["metadata"].items()))
-    if job.get("webhook"):
-        w = job["webhook"]
-        lines.append(f"  webhook  {w['url']}  {w['status']} ({w['attempts']} attempts)")
+    if job.status in OWNED or p.tensors_total:
+        left = eta(job)
+        lines.append(f"  progress {p.stage or '-'}  {p.tensors_done}/{p.tensors_total} tensors  {percent(job)}"
+                     f"  read {_fmt_bytes(p.bytes_read)}  written {_fmt_bytes(p.bytes_written)}"
+                     + (f"  eta {left}" if left else ""))
+    if job.result:
+        r = job.result
+        lines.append(f"  result   {r.output}  ({len(r.files)} files, {_fmt_bytes(r.bytes_written)}, "
+                     f"{r.seconds or 0:.1f}s)")
+        for f in r.files:
+            lines.append(f"           {f.name}  {_fmt_bytes(f.size)}  sha256:{f.sha256[:16]}...")
+    if job.error:
+        e = job.error
+        lines.append(f"  error    {e.code}: {e.message}" + (f" (param: {e.param})" if e.param else ""))
+    for i, w in enumerate(warnings or ()):
+        lines.append(("  warnings " if i == 0 else "           ") + w)
+    if job.metadata:
+        lines.append("  metadata " + ", ".join(f"{k}={v}" for k, v in job.metadata.items()))
+    if job.webhook:
+        w = job.webhook
+        lines.append(f"  webhook  {w.url}  {w.status} ({w.attempts} attempts)")
     return "\n".join(lines)
+
+
+def job_warnings(c, job_id: str) -> list[str]:
+    return [ev.message for ev in c.events(job_id) if ev.type == "warning"]
 
 
 def cmd_status(args) -> int:
     def run() -> int:
         with _client() as c:
             job = c.get(args.id)
-        print(json.dumps(job, indent=2) if args.json else describe(job))
+            warnings = job_warnings(c, args.id)
+        print(json.dumps(job.raw, indent=2) if args.json else describe(job, warnings))
         return EXIT_OK
 
     return _run_client(run)
 
 
-class ProgressLine:
-    """A job's live one-line progress bar on stderr (plain lines when not a terminal);
-    the ``on_update`` of ``Client.wait``."""
+class JobProgress:
+    """``drmerge wait``'s live view on stderr: the job's status, stage and tensor counts on
+    a drmerge.progress_bar.TerminalProgress, its warnings above the bar as they come."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream, self.width, self.tty = stream, width, stream.isatty()
-        self.last_line = None
-        self.last_print = 0.0
-        self.started = time.monotonic()
+    def __init__(self, stream=None):
+        from drmerge.progress_bar import TerminalProgress
 
-    def __call__(self, job: dict) -> None:
-        p = job.get("progress") or {}
-        frac = p.get("fraction") or 0.0
-        filled = int(frac * self.width)
-        eta = p.get("eta_seconds")
-        line = (f"{job['status']:<10} {(p.get('stage') or '-'):<10} [{'#' * filled}{'.' * (self.width - filled)}] "
-                f"{100 * frac:5.1f}%  {p.get('tensors_done', 0)}/{p.get('tensors_total', 0)} tensors  "
-                f"{_fmt_bytes(p.get('bytes_written'))} written" + (f"  eta {eta:.0f}s" if eta else ""))
-        now = time.monotonic()
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line)
-            if job["status"] in TERMINAL:
-                self.stream.write("\n")
-        elif line != self.last_line and (now - self.last_print >= 5 or job["status"] in TERMINAL
-                                         or self.last_line is None):
-            self.stream.write(line + "\n")
-            self.last_print = now
-        self.last_line = line
-        self.stream.flush()
+        self.bar = TerminalProgress(stream if stream is not None else sys.stderr)
+        self.warnings: list[str] = []
+
+    def on_event(self, ev) -> None:
+        if ev.type == "warning":
+            self.warnings.append(ev.message)
+            self.bar.write(f"warning: {ev.message}")
+
+    def on_progress(self, job) -> None:
+        p = job.progress
+        label = f"{job.status} {p.stage}" if job.status in OWNED and p.stage else str(job.status)
+        if job.terminal and job.status != JobStatus.SUCCEEDED:
+            # No last redraw of a bar that would read "failed 100%": describe() says how it ended.
+            self.bar.write(label)
+            self.bar.close(clear=True)
+            return
+        self.bar.update(label, p.tensors_done, p.tensors_total, note=f"{_fmt_bytes(p.bytes_written)} written",
+                        final=job.terminal)
 
 
 def _wait(c, job_id: str, timeout: float | None, interval: float, as_json: bool) -> int:
-    job = c.wait(job_id, poll_s=interval, timeout=timeout, on_update=None if as_json else ProgressLine())
+    view = None if as_json else JobProgress()
+    try:
+        job = c.wait(job_id, poll_s=interval, timeout=timeout, on_progress=view and view.on_progress,
+                     on_event=view and view.on_event)
+    finally:
+        if view is not None:
+            view.bar.close()
     if as_json:
-        print(json.dumps(job, indent=2))
+        print(json.dumps(job.raw, indent=2))
     else:
         print(describe(job))
-    if job["status"] != JobStatus.SUCCEEDED:
-        e = job.get("error") or {"code": "cancelled", "message": "the merge was cancelled"}
-        print(f"error: {e.get('code')}: {e.get('message')}", file=sys.stderr)
-    return WAIT_EXIT[job["status"]]
+    if job.status != JobStatus.SUCCEEDED:
+        e = job.error
+        code, message = (e.code, e.message) if e else ("cancelled", "the merge was cancelled")
+        print(f"error: {code}: {message}", file=sys.stderr)
+    return WAIT_EXIT[job.status]
 
 
 def cmd_wait(args) -> int:
@@ -222,22 +271,24 @@ def cmd_wait(args) -> int:
 
 
 def cmd_jobs(args) -> int:
+    metadata = _pairs(args.metadata, "--metadata")
+
     def run() -> int:
         with _client() as c:
-            page = c.list(status=args.status, limit=args.limit, after=args.after)
+            page = c.list_page(args.status, metadata=metadata or None, created_after=args.created_after,
+                               created_before=args.created_before, limit=args.limit, after=args.after)
         if args.json:
-            print(json.dumps(page, indent=2))
+            print(json.dumps(page.raw, indent=2))
             return EXIT_OK
-        if not page["data"]:
+        if not page.data:
             print("no jobs")
             return EXIT_OK
-        print(f"{'ID':<30}  {'STATUS':<10}  {'PROGRESS':>8}  {'CREATED':<24}  OUTPUT")
-        for j in page["data"]:
-            frac = (j.get("progress") or {}).get("fraction") or 0
-            print(f"{j['id']:<30}  {j['status']:<10}  {100 * frac:7.0f}%  {j['created_at']:<24}  "
-                  f"{(j.get('spec') or {}).get('output', '')}")
-        if page.get("has_more"):
-            print(f"(more: drmerge jobs --after {page['next_after']})")
+        print(f"{'ID':<30}  {'STATUS':<10}  {'PROGRESS':>8}  {'ETA':>7}  {'CREATED':<24}  OUTPUT")
+        for j in page.data:
+            print(f"{j.id:<30}  {j.status:<10}  {percent(j):>8}  {eta(j) or '-':>7}  {_time(j.created_at):<24}  "
+                  f"{j.spec.get('output', '')}")
+        if page.has_more:
+            print(f"(more: drmerge jobs --after {page.next_after})")
         return EXIT_OK
 
     return _run_client(run)
@@ -247,22 +298,41 @@ def cmd_cancel(args) -> int:
     def run() -> int:
         with _client() as c:
             job = c.cancel(args.id)
-        print(json.dumps(job, indent=2) if args.json else f"{job['id']}  {job['status']}")
+        print(json.dumps(job.raw, indent=2) if args.json else f"{job.id}  {job.status}")
         return EXIT_OK
 
     return _run_client(run)
+
+
+def _event_dict(ev) -> dict:
+    from drmerge_client.models import format_time
+
+    return {"id": ev.id, "at": format_time(ev.at), "type": ev.type, "message": ev.message, **ev.data}
+
+
+def _print_event(ev, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_event_dict(ev)), flush=True)
+    else:
+        print(f"{_time(ev.at)}  {ev.type:<8} {ev.message}", flush=True)
 
 
 def cmd_events(args) -> int:
+    from drmerge_client import Event
+
     def run() -> int:
         with _client() as c:
-            evs = c.events(args.id, limit=1000)
-        if args.json:
-            print(json.dumps(evs, indent=2))
-            return EXIT_OK
-        for ev in evs["data"]:
-            print(f"{ev['at']}  {ev['type']:<8} {ev['message']}")
+            events = list(c.events(args.id))
+            if args.json and not args.follow:
+                print(json.dumps({"object": "list", "data": [_event_dict(ev) for ev in events], "has_more": False},
+                                 indent=2))
+                return EXIT_OK
+            for ev in events:
+                _print_event(ev, args.json)
+            if args.follow:
+                for item in c.stream(args.id, last_event_id=events[-1].id if events else 0):
+                    if isinstance(item, Event):
+                        _print_event(item, args.json)
         return EXIT_OK
 
     return _run_client(run)
-

@@ -104,7 +104,7 @@ def run_demo(state: dict, out=sys.stdout) -> int:
     from drmerge_client import ApiError, Client
     from service.jobs.status import JobStatus
 
-    from .client_commands import ProgressLine, describe
+    from .client_commands import JobProgress, describe
 
     state_dir = os.path.dirname(state["processes"]["api"]["log"]).rsplit(os.sep, 1)[0]
     demo_dir = os.path.join(state_dir, "demo")
@@ -135,23 +135,27 @@ def run_demo(state: dict, out=sys.stdout) -> int:
     with open(request_path, "w") as f:
         json.dump(request, f, indent=2)
     api = state["api_url"]
+    view = JobProgress(stream=sys.stderr)
     try:
         with Client(api, api_key=state.get("api_key")) as c:
-            job = c.submit(spec, metadata=request["metadata"])
-            print(f"submitted merge {job['id']} (POST {api}/v1/merges)", file=out, flush=True)
-            job = c.wait(job["id"], poll_s=0.2, on_update=ProgressLine(stream=sys.stderr))
+            job = c.create(spec, metadata=request["metadata"])
+            print(f"submitted merge {job.id} (POST {api}/v1/merges)", file=out, flush=True)
+            job = c.wait(job.id, poll_s=0.2, on_progress=view.on_progress, on_event=view.on_event)
     except ApiError as e:
         print(f"error: {e.code}: {e.detail}", file=sys.stderr)
         return 3
+    finally:
+        view.bar.close()
     print(describe(job), file=out)
-    if job["status"] != JobStatus.SUCCEEDED:
-        e = job.get("error") or {}
-        print(f"error: {e.get('code', 'cancelled')}: {e.get('message', '')}", file=sys.stderr)
+    if job.status != JobStatus.SUCCEEDED:
+        e = job.error
+        print(f"error: {e.code if e else 'cancelled'}: {e.message if e else 'the merge was cancelled'}",
+              file=sys.stderr)
         return 1
     _check_with_transformers(s3, job, os.path.join(demo_dir, "merged"), out)
-    jid = job["id"]
+    jid = job.id
     print(f"""
-The merged model is at {job['result']['output']}
+The merged model is at {job.result.output}
 (S3 endpoint {state['s3_endpoint_url']}, credentials in {os.path.relpath(os.path.join(state_dir, 'env'))}).
 
 Try the API (source {os.path.relpath(os.path.join(state_dir, 'env'))} first: it sets DRMERGE_API_KEY):
@@ -170,14 +174,14 @@ API docs: {api}/docs   Stop everything: drmerge dev down""", file=out)
     return 0
 
 
-def _check_with_transformers(s3, job: dict, local_dir: str, out) -> None:
+def _check_with_transformers(s3, job, local_dir: str, out) -> None:
     """Download the merged checkpoint and load it with transformers: the proof that the
     output is a usable model, not just files."""
-    output = job["result"]["output"]
+    output = job.result.output
     bucket, _, prefix = output[len("s3://"):].partition("/")
     os.makedirs(local_dir, exist_ok=True)
-    for f in job["result"]["files"]:
-        s3.download_file(bucket, prefix + f["name"], os.path.join(local_dir, f["name"]))
+    for f in job.result.files:
+        s3.download_file(bucket, prefix + f.name, os.path.join(local_dir, f.name))
     try:
         import torch
         from transformers import AutoModelForCausalLM

@@ -20,8 +20,10 @@ import shutil
 import sys
 import time
 
+from drmerge.cli import CommandError
+
 from . import devservers
-from .processes import pid_alive, pid_cmdline, service_env, start_api, start_worker, stop_process
+from .processes import StackError, pid_alive, pid_cmdline, service_env, start_api, start_worker, stop_process
 
 STATE_FILE = "state.json"
 
@@ -115,8 +117,11 @@ def up(state_dir: str = ".drmerge-dev", *, demo: bool = False, api_port: int = 8
     except BaseException as e:
         for pid in reversed(started):
             stop_process(pid, 5)
-        print(f"error: internal_error: the dev stack did not start: {e}", file=sys.stderr)
-        return 1
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        code = "unavailable" if isinstance(e, (StackError, devservers.ServerStartError)) else "internal_error"
+        # A server's log tail comes first; the error line stays last (drmerge.cli's contract).
+        raise CommandError(code, f"the dev stack did not start: {e}") from None
     state = {
         "api_url": f"http://127.0.0.1:{port}",
         "api_key": api_key,
@@ -165,7 +170,8 @@ def _private_file(path: str):
 
 def _print_stack(state: dict, out) -> None:
     rel = os.path.relpath(os.path.dirname(state["processes"]["api"]["log"]))
-    print(f"  API       {state['api_url']}   (docs: {state['api_url']}/docs)", file=out)
+    print(f"  API       {state['api_url']}   (docs: {state['api_url']}/docs, job page: {state['api_url']}/ui)",
+          file=out)
     if state.get("api_key"):
         print(f"  API key   {state['api_key']}   (tenant dev; the client commands here use it)", file=out)
     print(f"  S3        {state['s3_endpoint_url']}   (key {state['aws_access_key_id']})", file=out)
@@ -204,7 +210,8 @@ def status(state_dir: str = ".drmerge-dev", *, as_json: bool = False, out=sys.st
     state = _load_state(os.path.abspath(state_dir))
     if state is None:
         print(json.dumps({"running": False}) if as_json else "no dev stack running here", file=out)
-        return 1
+        raise CommandError("not_found", f"no dev stack in {os.path.abspath(state_dir)} (start one with "
+                                        "`drmerge dev up`)")
     alive = _procs_alive(state)
     ready = None
     try:
@@ -222,7 +229,11 @@ def status(state_dir: str = ".drmerge-dev", *, as_json: bool = False, out=sys.st
         if ready:
             print(f"  readyz  {ready.get('status')}, live workers: {ready.get('workers', {}).get('live')}", file=out)
         _print_stack(state, out)
-    return 0 if all(alive.values()) else 1
+    down = [name for name, ok in alive.items() if not ok]
+    if down:
+        raise CommandError("unavailable", f"the dev stack is partly down ({', '.join(down)} not running); "
+                                          "`drmerge dev up` restarts it")
+    return 0
 
 
 def _demo(state: dict, out) -> int:

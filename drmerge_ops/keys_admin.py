@@ -52,8 +52,9 @@ def _keys_command(fn) -> int:
     except (KeyStoreError, AllowListError) as e:
         print(f"error: invalid_request: {e}", file=sys.stderr)
     except ValidationError as e:
-        print(f"error: invalid_request: bad DRMERGE_* setting: {e.errors()[0].get('loc')}: "
-              f"{e.errors()[0].get('msg')}", file=sys.stderr)
+        from .preflight import settings_error
+
+        print(f"error: invalid_config: {settings_error(e)}", file=sys.stderr)
     except redis.RedisError as e:
         print(f"error: unavailable: cannot reach Redis (DRMERGE_REDIS_URL): {e}", file=sys.stderr)
     return EXIT_FAILED

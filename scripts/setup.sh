@@ -8,6 +8,9 @@ PY=${PYTHON:-python3}
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 apt_packages=()
 command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
+# The job page's browser test (tests/e2e/test_ui.py) drives Debian's headless Chromium.
+[ -x /usr/bin/chromium ] || apt_packages+=(chromium)
+[ -x /usr/bin/chromedriver ] || apt_packages+=(chromium-driver)
 # WordNet's data files feed the merge-quality benchmark's smoke test (bench/quality).
 [ -f /usr/share/wordnet/data.verb ] || apt_packages+=(wordnet-base)
 # The quality benchmark's fortune_topic task (bench/quality) reads the fortune files.

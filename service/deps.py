@@ -22,3 +22,14 @@ async def get_settings_dep(request: Request) -> Settings:
 
 async def get_celery(request: Request):
     return request.app.state.celery
+
+
+async def get_presigner(request: Request):
+    """The download-URL signer (service.downloads), made on first use: an API that never
+    signs needs no S3 credentials."""
+    presigner = getattr(request.app.state, "presigner", None)
+    if presigner is None:
+        from .downloads import Presigner
+
+        presigner = request.app.state.presigner = Presigner(request.app.state.settings)
+    return presigner

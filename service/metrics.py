@@ -10,13 +10,27 @@ Names are fixed: the deploy team's Grafana dashboard uses them.
 - drmerge_workers_live                     gauge     workers with a fresh heartbeat
 - drmerge_bytes_read_total                 counter   checkpoint bytes read by merges
 - drmerge_bytes_written_total              counter   merged bytes written
+
+Beside them, per API process (prometheus-fastapi-instrumentator, by route template, so
+``/v1/merges/{job_id}`` is one series however many jobs there are; paths that match no
+route are ``handler="none"``):
+
+- drmerge_http_requests_total{handler,method,status}             counter
+- drmerge_http_request_duration_seconds{handler,method,status}   histogram (for an event
+  stream: the time to its first byte, not how long it stayed open)
+- drmerge_build_info{version,python,engine}                      gauge, always 1
+
+Those count what one process served: with ``DRMERGE_API_WORKERS`` above 1, scrape each
+process (one per pod, as deploy/k8s does) or sum them in Prometheus.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 
 import redis
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .jobs.status import STATUSES, TERMINAL
@@ -69,3 +83,31 @@ class RedisCollector:
                                   value=int(stats.get("bytes_read", 0)))
         yield CounterMetricFamily("drmerge_bytes_written", "Merged checkpoint bytes written.",
                                   value=int(stats.get("bytes_written", 0)))
+
+
+# Request latency buckets (seconds): API calls take milliseconds; a submit that checks
+# S3 locations or a slow Redis can take seconds.
+HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def instrument_http(app, registry: CollectorRegistry) -> None:
+    """Count and time every HTTP answer of ``app`` into ``registry``."""
+    from prometheus_fastapi_instrumentator import Instrumentator, metrics
+
+    inst = Instrumentator(should_group_status_codes=False, should_ignore_untemplated=False,
+                          should_group_untemplated=True, excluded_handlers=["/metrics"], registry=registry)
+    inst.add(metrics.requests(metric_namespace="drmerge", registry=registry,
+                              metric_doc="HTTP requests answered, by route template, method and status."))
+    inst.add(metrics.latency(metric_namespace="drmerge", registry=registry, buckets=HTTP_LATENCY_BUCKETS,
+                             should_exclude_streaming_duration=True,
+                             metric_doc="Time to answer HTTP requests, by route template, method and status."))
+    inst.instrument(app)
+
+
+def build_info(registry: CollectorRegistry, version: str) -> None:
+    """``drmerge_build_info``: which release, Python and merge engine this process runs."""
+    from drmerge import __version__ as engine
+
+    Gauge("drmerge_build_info", "The drmerge release, Python version and merge engine version of this API process.",
+          labelnames=["version", "python", "engine"], registry=registry).labels(
+        version=version, python=platform.python_version(), engine=engine).set(1)

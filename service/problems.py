@@ -6,7 +6,8 @@ null). Clients branch on ``code``; ``detail`` is for people.
 
 Codes beyond the engine's (drmerge.errors.CODES): ``invalid_request``, ``not_found``,
 ``method_not_allowed``, ``idempotency_key_reused``, ``job_not_cancellable``,
-``output_busy``, ``unavailable``, and for access control and limits ``unauthorized``
+``job_not_succeeded`` and ``not_downloadable`` (409: no download links), ``output_busy``,
+``unavailable``, and for access control and limits ``unauthorized``
 (401), ``payload_too_large`` (413) and ``quota_exceeded`` (429). The engine's
 ``access_denied`` is also an HTTP answer (403: a spec names storage outside the key's
 allow list).
@@ -33,6 +34,8 @@ TITLES = {
     "method_not_allowed": "Method not allowed",
     "idempotency_key_reused": "Idempotency key reused with a different request",
     "job_not_cancellable": "Job cannot be cancelled",
+    "job_not_succeeded": "Job has not succeeded",
+    "not_downloadable": "Output cannot be downloaded",
     "output_busy": "Output is being written by another job",
     "unavailable": "Service unavailable",
     "unauthorized": "Missing or invalid API key",

@@ -188,6 +188,20 @@ class EventList(BaseModel):
     has_more: bool
 
 
+class DownloadLink(BaseModel):
+    name: str
+    size: int
+    sha256: str = Field(..., description="Check the download against it.")
+    url: str = Field(..., description="A presigned GET URL: whoever holds it may download the file until it expires.")
+    expires_at: str = Field(..., description="RFC 3339, UTC.")
+
+
+class DownloadList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DownloadLink]
+    expires_in: int = Field(..., description="Seconds each URL stays valid (DRMERGE_DOWNLOAD_URL_TTL_S).")
+
+
 class ProblemDetail(BaseModel):
     type: str
     title: str

@@ -57,6 +57,19 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(86400, description="How long an `Idempotency-Key` is remembered.")
     max_metadata_keys: int = Field(16, description="Most `metadata` entries per job (keys <= 64, values <= 512 chars).")
 
+    # Reading jobs (service/event_stream.py, service/downloads.py).
+    event_stream_poll_s: float = Field(
+        0.5, gt=0, description="How often an open event stream (`GET /v1/merges/{id}/events` as "
+                               "`text/event-stream`) looks for new events and progress.")
+    event_stream_ping_s: float = Field(
+        15.0, gt=0, description="An idle event stream sends a comment this often, so proxies keep it open.")
+    download_url_ttl_s: int = Field(
+        900, ge=1, le=604800, description="Presigned download URLs (`GET /v1/merges/{id}/files`) expire after "
+                                          "this many seconds (S3 allows at most 7 days).")
+    download_endpoint_url: str | None = Field(
+        None, description="S3 endpoint written into presigned download URLs, when callers reach S3 by another "
+                          "address than the API does; unset means `s3_endpoint_url`.")
+
     # Webhooks.
     webhook_secret: str | None = Field(
         None, description="Signing secret for jobs that give none (`whsec_<base64>` or any string).")

@@ -8,6 +8,13 @@ heartbeat stops), and runs a webhook delivery loop and the reaper (service/reape
 On SIGTERM (warm shutdown) the running merge stops at the next tensor and its job goes
 back to the queue with its committed shards kept (worker.runner); Celery then acks the
 message and exits.
+
+The Celery task's state tells the job's outcome (Flower, ``celery events``): SUCCESS for a
+succeeded job (and for a message with nothing to do: a duplicate, a job already over, a
+hand-back), FAILURE with ``JobFailed`` or ``JobCancelled`` otherwise. Those are raised
+only after the job record is final, and a raised exception acks the message
+(``task_acks_on_failure_or_timeout``), so a failed job is never redelivered; a worker
+that dies mid-merge still leaves its message unacked (``reject_on_worker_lost``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import time
 from celery import signals
 
 from service.jobs.queue import MERGE_TASK, enqueue
+from service.jobs.status import JobStatus
 from service.jobs.store import JobStore
 from service.reaper import Reaper
 from service.settings import get_settings
@@ -70,10 +78,32 @@ def _enqueue(job_id: str, queue: str) -> None:
     enqueue(celery_app, job_id, queue=queue)
 
 
-@celery_app.task(name=MERGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+class JobFailed(Exception):
+    """The merge job failed (its record, already final, says why): the task's FAILURE."""
+
+
+class JobCancelled(Exception):
+    """The merge job was cancelled (its record is final): the task's FAILURE, not SUCCESS."""
+
+
+def outcome_of(job_id: str, status: str | None) -> str | None:
+    """The task's return value for a job that ended ``status``, or the exception that makes
+    the task's state FAILURE."""
+    if status == JobStatus.FAILED:
+        job = _store().get(job_id)
+        error = (job.error if job else None) or {}
+        raise JobFailed(f"job {job_id} failed: {error.get('code', 'internal_error')}: {error.get('message', '')}"[:1000])
+    if status == JobStatus.CANCELLED:
+        raise JobCancelled(f"job {job_id} was cancelled")
+    return status
+
+
+# throws: expected outcomes, logged by Celery as one line (no traceback).
+@celery_app.task(name=MERGE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+                 throws=(JobFailed, JobCancelled))
 def merge(self, job_id: str) -> str | None:
     """Run merge job ``job_id`` (the message carries only the id; the job is in Redis)."""
-    return _runner(self.request.hostname).run(job_id)
+    return outcome_of(job_id, _runner(self.request.hostname).run(job_id))
 
 
 def _heartbeat_loop() -> None:

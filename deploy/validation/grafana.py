@@ -26,6 +26,10 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "drmerge_bytes_written_total": ("counter", frozenset()),
     "drmerge_bytes_read_total": ("counter", frozenset()),
     "drmerge_workers_live": ("gauge", frozenset()),
+    # Per API process (service/metrics.py: prometheus-fastapi-instrumentator and build_info).
+    "drmerge_http_requests_total": ("counter", frozenset({"handler", "method", "status"})),
+    "drmerge_http_request_duration_seconds": ("histogram", frozenset({"handler", "method", "status"})),
+    "drmerge_build_info": ("gauge", frozenset({"version", "python", "engine"})),
 }
 # Labels Prometheus adds at scrape time (Kubernetes service discovery included).
 TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "service", "container", "endpoint"})

@@ -43,19 +43,30 @@ _last_id = [0, 0]  # (ms, random) of the newest id this process made
 def new_job_id(now: float | None = None) -> str:
     """``mrg_`` + a lowercase ULID: 48 bits of milliseconds then 80 random bits, so ids
     sort by creation time (the list index relies on this) and never collide. Within one
-    process ids are strictly increasing even inside one millisecond."""
+    process ids are strictly increasing even inside one millisecond, and even if the clock
+    steps back (python-ulid's generator is not used for that reason: its monotonic policy
+    only covers ids made in the same millisecond)."""
     ms = int((time.time() if now is None else now) * 1000)
     rnd = int.from_bytes(os.urandom(10), "big")
     with _id_lock:
         if ms <= _last_id[0]:
             ms, rnd = _last_id[0], (_last_id[1] + 1 + (rnd & 0xFFFF)) % (1 << 80)
         _last_id[0], _last_id[1] = ms, rnd
-    n = (ms << 80) | rnd
+    return _encode((ms << 80) | rnd)
+
+
+def _encode(n: int) -> str:
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[n & 31])
         n >>= 5
     return "mrg_" + "".join(reversed(chars))
+
+
+def id_bound(ts: float) -> str:
+    """The smallest id of a job created in the millisecond of unix time ``ts``: every job
+    created earlier sorts before it, every job created then or later at or after it."""
+    return _encode(int(ts * 1000) << 80)
 
 
 def is_job_id(value: str) -> bool:
@@ -141,6 +152,8 @@ class Job:
     def public(self) -> dict:
         """The job as the API returns it and webhooks send it (never the webhook secret)."""
         progress = dict(empty_progress(), **(self.progress or {}))
+        if self.terminal:
+            progress["eta_seconds"] = None  # an ended job has no time left to estimate (a cancelled one neither)
         webhook = None
         if self.webhook:
             state = self.webhook_state or {}

@@ -15,6 +15,8 @@ Why these settings:
 - a hard time limit a little above ``job_time_limit_s``: the task enforces the limit
   itself between tensors (and cleans up); the hard limit only catches a hung worker
   (the threads pool cannot enforce it; the runner's watchdog does);
+- task events on (``worker_send_task_events``): Flower and ``celery events`` see each
+  merge received, started and ended, with the job's outcome as its state (worker.tasks);
 - a merge is not cancelled when the broker connection drops (a Redis restart): it keeps
   running and records its outcome in the job store once Redis is back. Its late ack may
   be lost with the old connection; the redelivery hours later finds the job over and is
@@ -55,7 +57,7 @@ def make_celery(settings: Settings | None = None, include: Sequence[str] = ()) -
         worker_concurrency=1,
         worker_max_tasks_per_child=None,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        worker_send_task_events=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_time_limit=s.job_time_limit_s + HARD_LIMIT_GRACE_S,
         broker_connection_retry_on_startup=True,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 
 import redis
 
@@ -27,7 +28,7 @@ from drmerge import locations
 from .errors import (IdempotencyConflict, IllegalTransition, JobNotFound, JobStoreError, OutputBusy, QuotaExceeded,
                      StaleAttempt, StillAlive)
 from .keys import Keys
-from .model import JSON_FIELDS, Job, is_job_id, new_event, new_job_id
+from .model import JSON_FIELDS, Job, id_bound, is_job_id, new_event, new_job_id
 from .scripts import Script
 from .status import OWNED, STATUSES, TERMINAL, TRANSITIONS, JobStatus
 from .webhook_queue import WebhookQueue
@@ -37,6 +38,18 @@ from .workers import WorkerRegistry
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600, 43200)
 
 MAX_EVENTS = 1000
+# Jobs one list page may look at when filtering by metadata (which has no index).
+MAX_LIST_SCAN = 5000
+
+
+@dataclass
+class JobPage:
+    """A page of ``JobStore.page``: the jobs, whether more may follow, and the cursor
+    (``after``) for the next page."""
+
+    jobs: list[Job]
+    has_more: bool
+    next_after: str | None
 
 
 def _unprefixed(reserved: str) -> str:
@@ -149,44 +162,80 @@ class JobStore:
              tenant: str | None = None) -> tuple[list[Job], bool]:
         """Newest first; ``after`` is the id of the last job of the previous page;
         ``tenant`` limits it to that tenant's jobs. Returns (jobs, has_more)."""
-        start = f"({after}" if after else "+"
-        if tenant is None:
-            ids = self.r.zrevrangebylex(self.keys.index(status), start, "-", start=0, num=limit + 1)
-        elif status is None:
-            ids = self.r.zrevrangebylex(self.keys.tenant(tenant), start, "-", start=0, num=limit + 1)
-        else:
-            ids = self._intersect(self.keys.tenant(tenant), self.keys.index(status), after, limit + 1)
-        has_more = len(ids) > limit
-        ids = ids[:limit]
-        pipe = self.r.pipeline(transaction=False)
-        for i in ids:
-            pipe.hgetall(self.keys.job(i))
-        jobs = [Job.from_hash(h) for h in pipe.execute() if h]
-        return jobs, has_more
+        page = self.page(status=status, limit=limit, after=after, tenant=tenant)
+        return page.jobs, page.has_more
 
-    def _intersect(self, a: str, b: str, after: str | None, n: int, batch: int = 256) -> list[str]:
-        """The first ``n`` ids (newest first, older than ``after``) in both index a and
-        b: walks the smaller one and checks membership in the other, so a tenant's
-        status filter costs at most the size of the smaller index."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.zcard(a)
-        pipe.zcard(b)
-        size_a, size_b = pipe.execute()
-        walk, other = (a, b) if size_a <= size_b else (b, a)
-        out: list[str] = []
-        cursor = after
-        while len(out) < n:
-            ids = self.r.zrevrangebylex(walk, f"({cursor}" if cursor else "+", "-", start=0, num=batch)
-            if not ids:
-                break
+    def page(self, *, status: str | None = None, limit: int = 20, after: str | None = None,
+             tenant: str | None = None, created_after: float | None = None, created_before: float | None = None,
+             metadata: dict[str, str] | None = None, max_scan: int = MAX_LIST_SCAN) -> "JobPage":
+        """One page of jobs, newest first, older than the cursor ``after``.
+
+        ``created_after`` (inclusive) and ``created_before`` (exclusive) are unix times,
+        compared at the millisecond of the job's id (a ULID: ids sort by creation time), so
+        they only narrow the walk of the index. ``metadata``: every key must hold exactly
+        that value; there is no index for it, so at most ``max_scan`` jobs are looked at per
+        page: if that runs out first, the page holds what was found (maybe nothing), with
+        ``has_more`` and a cursor to go on from."""
+        upper = after
+        if created_before is not None:
+            bound = id_bound(created_before)
+            upper = bound if upper is None or bound < upper else upper
+        lower = id_bound(created_after) if created_after is not None else None
+        if tenant is None:
+            a, b = self.keys.index(status), None
+        elif status is None:
+            a, b = self.keys.tenant(tenant), None
+        else:
+            a, b = self.keys.tenant(tenant), self.keys.index(status)
+        batch = 100 if metadata else min(100, limit + 1)
+        jobs: list[Job] = []
+        scanned, last_seen = 0, None
+        for ids in self._walk(a, b, upper, lower, batch):
             pipe = self.r.pipeline(transaction=False)
             for i in ids:
-                pipe.zscore(other, i)
-            out += [i for i, score in zip(ids, pipe.execute()) if score is not None]
+                pipe.hgetall(self.keys.job(i))
+            for job_id, h in zip(ids, pipe.execute()):
+                scanned += 1
+                last_seen = job_id
+                if h:
+                    job = Job.from_hash(h)
+                    if not metadata or all(job.metadata.get(k) == v for k, v in metadata.items()):
+                        jobs.append(job)
+                        if len(jobs) > limit:  # one more than the page: there is a next page
+                            return JobPage(jobs[:limit], True, jobs[limit - 1].id)
+                if scanned >= max_scan:
+                    return JobPage(jobs, True, last_seen)
+        return JobPage(jobs, False, None)
+
+    def _walk(self, a: str, b: str | None, upper: str | None, lower: str | None, batch: int):
+        """Batches of the ids in index ``a`` (and in ``b`` too, if given), newest first,
+        older than ``upper`` and not older than ``lower``. With two indexes it walks the
+        smaller and checks membership in the other, so a tenant's status filter costs at
+        most the size of the smaller index."""
+        if b is not None:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.zcard(a)
+            pipe.zcard(b)
+            size_a, size_b = pipe.execute()
+            a, b = (a, b) if size_a <= size_b else (b, a)
+        cursor = upper
+        low = f"[{lower}" if lower else "-"
+        while True:
+            ids = self.r.zrevrangebylex(a, f"({cursor}" if cursor else "+", low, start=0, num=batch)
+            if not ids:
+                return
             cursor = ids[-1]
+            if b is not None:
+                pipe = self.r.pipeline(transaction=False)
+                for i in ids:
+                    pipe.zscore(b, i)
+                matched = [i for i, score in zip(ids, pipe.execute()) if score is not None]
+            else:
+                matched = ids
+            if matched:
+                yield matched
             if len(ids) < batch:
-                break
-        return out[:n]
+                return
 
     def counts(self) -> dict[str, int]:
         pipe = self.r.pipeline(transaction=False)

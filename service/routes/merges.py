@@ -1,18 +1,22 @@
-"""/v1/merges: submit, read, list, cancel, and read the event log of merge jobs."""
+"""/v1/merges: submit, read, list, cancel, follow (the event log, or its live stream) and
+download (presigned URLs) merge jobs."""
 
 from __future__ import annotations
 
 import logging
 import os
+from datetime import datetime, timezone
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
 from drmerge import locations
 from drmerge.errors import MergeError
 from drmerge.spec import parse_spec
 
+from .. import event_stream, http_cache
 from ..auth import Principal, get_principal
-from ..deps import get_celery, get_settings_dep, get_store
+from ..deps import get_celery, get_presigner, get_settings_dep, get_store
+from ..downloads import SigningUnavailable
 from ..jobs.queue import enqueue
 from ..jobs.errors import (IdempotencyConflict, IllegalTransition, JobNotFound, JobStoreError, OutputBusy,
                            QuotaExceeded)
@@ -22,7 +26,9 @@ from ..jobs.store import JobStore, body_hash
 from ..limits import check_spec
 from ..netguard import Policy, WebhookURLError, check_webhook_url
 from ..problems import Problem
-from ..schemas import PROBLEM_RESPONSES, SUBMIT_PROBLEM_RESPONSES, EventList, MergeJob, MergeList, MergeRequest, Status
+from ..query import QueryFamily
+from ..schemas import (PROBLEM_RESPONSES, SUBMIT_PROBLEM_RESPONSES, DownloadList, EventList, MergeJob, MergeList,
+                       MergeRequest, Status)
 from ..settings import Settings
 from ..webhooks import signing_key
 
@@ -201,21 +207,47 @@ def create_merge(body: MergeRequest, response: Response,
     return job.public()
 
 
-@router.get("", response_model=MergeList, summary="List merges, newest first", responses=PROBLEM_RESPONSES)
-def list_merges(status: Status | None = Query(None, description="Only jobs in this status."),
+# ?metadata[KEY]=VALUE filters: as many as a job may have keys, of the sizes it may hold.
+metadata_filters = QueryFamily("metadata", max_items=16, max_key=64, max_value=512)
+
+_NOT_MODIFIED = {304: {"description": "Not modified: the `ETag` you sent in `If-None-Match` is still current"}}
+
+
+def _unix(dt: datetime | None) -> float | None:
+    if dt is None:
+        return None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+@router.get("", response_model=MergeList, summary="List merges, newest first",
+            responses={**PROBLEM_RESPONSES, **_NOT_MODIFIED},
+            openapi_extra={"parameters": [{
+                "name": "metadata[KEY]", "in": "query", "required": False, "schema": {"type": "string"},
+                "description": "Only jobs whose metadata KEY is exactly this value (repeat for more keys: all must "
+                               "match), e.g. `metadata[team]=nlp`."}]})
+def list_merges(request: Request,
+                status: Status | None = Query(None, description="Only jobs in this status."),
                 limit: int = Query(20, ge=1, le=100),
                 after: str | None = Query(None, description="Cursor: the `next_after` of the previous page."),
+                created_after: datetime | None = Query(
+                    None, description="Only jobs created at or after this time (RFC 3339; no offset means UTC), "
+                                      "to the millisecond."),
+                created_before: datetime | None = Query(None, description="Only jobs created before this time."),
+                metadata: dict[str, str] = Depends(metadata_filters),
                 store: JobStore = Depends(get_store), principal: Principal = Depends(get_principal)):
     if after is not None and not is_job_id(after):
         raise Problem(422, "invalid_request", "after: must be a job id (mrg_...)", "after")
-    jobs, has_more = store.list(status=status, limit=limit, after=after, tenant=principal.tenant)
-    return {"object": "list", "data": [j.public() for j in jobs], "has_more": has_more,
-            "next_after": jobs[-1].id if has_more and jobs else None}
+    page = store.page(status=status, limit=limit, after=after, tenant=principal.tenant,
+                      created_after=_unix(created_after), created_before=_unix(created_before), metadata=metadata)
+    return http_cache.json_response(request, {"object": "list", "data": [j.public() for j in page.jobs],
+                                              "has_more": page.has_more, "next_after": page.next_after})
 
 
-@router.get("/{job_id}", response_model=MergeJob, summary="Get a merge", responses=PROBLEM_RESPONSES)
-def get_merge(job_id: str, store: JobStore = Depends(get_store), principal: Principal = Depends(get_principal)):
-    return _own_job(store, job_id, principal).public()
+@router.get("/{job_id}", response_model=MergeJob, summary="Get a merge",
+            responses={**PROBLEM_RESPONSES, **_NOT_MODIFIED})
+def get_merge(job_id: str, request: Request, store: JobStore = Depends(get_store),
+              principal: Principal = Depends(get_principal)):
+    return http_cache.json_response(request, _own_job(store, job_id, principal).public())
 
 
 @router.post("/{job_id}/cancel", response_model=MergeJob, summary="Cancel a merge",
@@ -238,18 +270,51 @@ def cancel_merge(job_id: str, response: Response, store: JobStore = Depends(get_
     return job.public()
 
 
-@router.get("/{job_id}/events", response_model=EventList, summary="A merge's event log",
-            responses=PROBLEM_RESPONSES)
-def merge_events(job_id: str, after: int = Query(0, ge=0, description="Only events with a larger id."),
-                 limit: int = Query(100, ge=1, le=1000), store: JobStore = Depends(get_store),
+@router.get("/{job_id}/events", response_model=EventList, summary="A merge's event log, or its live stream",
+            responses={**PROBLEM_RESPONSES, 200: {
+                "description": "The log as JSON; with `Accept: text/event-stream`, server-sent events: one per log "
+                               "event (`id` = its id), `progress` whenever status or progress move, `end` (the job) "
+                               "once it has ended. Resume with `Last-Event-ID`.",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+def merge_events(job_id: str, request: Request,
+                 after: int = Query(0, ge=0, description="Only events with a larger id."),
+                 limit: int = Query(100, ge=1, le=1000, description="Page size (the JSON log only)."),
+                 last_event_id: str | None = Header(None, alias="Last-Event-ID",
+                                                    description="The stream: resume after this event."),
+                 store: JobStore = Depends(get_store), settings: Settings = Depends(get_settings_dep),
                  principal: Principal = Depends(get_principal)):
     _own_job(store, job_id, principal)
+    if event_stream.wants_stream(request.headers.get("accept")):
+        resume = event_stream.last_event_id(last_event_id)
+        return event_stream.stream_response(store, job_id, resume if resume is not None else after,
+                                            settings.event_stream_poll_s, settings.event_stream_ping_s)
     events = store.events(job_id, after=after, limit=limit + 1)
     has_more = len(events) > limit
-    data = []
-    for ev in events[:limit]:
-        ev = dict(ev)
-        ev["at"] = iso(ev.get("at"))
-        data.append(ev)
-    return {"object": "list", "data": data, "has_more": has_more}
+    data = [event_stream.public_event(ev) for ev in events[:limit]]
+    return http_cache.json_response(request, {"object": "list", "data": data, "has_more": has_more})
 
+
+@router.get("/{job_id}/files", response_model=DownloadList, summary="Download links of a merge's result files",
+            responses={**PROBLEM_RESPONSES, 409: {"description": "`job_not_succeeded`: it has not succeeded (yet); "
+                                                                 "`not_downloadable`: its output is not in S3"}})
+def merge_files(job_id: str, response: Response, store: JobStore = Depends(get_store),
+                settings: Settings = Depends(get_settings_dep), presigner=Depends(get_presigner),
+                principal: Principal = Depends(get_principal)):
+    """Presigned GET URLs, valid for `DRMERGE_DOWNLOAD_URL_TTL_S` seconds, of every file of a
+    succeeded job's result (the checkpoint's shards, its index, the config and tokenizer
+    files copied from the base), with the size and sha256 each must have."""
+    job = _own_job(store, job_id, principal)
+    if job.status != JobStatus.SUCCEEDED or not job.result:
+        raise Problem(409, "job_not_succeeded", f"job {job_id} is {job.status}: download links exist once it has "
+                      "succeeded", job_status=str(job.status))
+    output = job.result.get("output") or ""
+    if not output.startswith("s3://"):
+        raise Problem(409, "not_downloadable", f"job {job_id} wrote to a local path on its worker ({output}); "
+                      "there is nothing to download over HTTP")
+    try:
+        links = presigner.links(output, list(job.result.get("files") or []))
+    except SigningUnavailable as e:
+        raise Problem(503, "unavailable", str(e)) from None
+    response.headers["cache-control"] = "no-store"
+    return {"object": "list", "data": [dict(link, expires_at=iso(link["expires_at"])) for link in links],
+            "expires_in": settings.download_url_ttl_s}
