@@ -143,6 +143,7 @@ class HeadlineRun:
     fixed: dict | None = None     # row -> params chosen on the tuning seed
     pool: ProcessPoolExecutor | None = None
     timings: dict = field(default_factory=dict)
+    engine_calls: dict = field(default_factory=dict)  # seed -> [{key, merge_seconds, eval_seconds}] this invocation
 
     # -- setup: tasks (cached: building the nine candidate pools takes about a minute), tokens, base
     def prepare(self):
@@ -334,6 +335,9 @@ class HeadlineRun:
         path = self.work / f"seed{seed}" / f"evals-{models_key}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         for done, results in enumerate(self._map(_job_merge_eval, jobs), 1):
+            if not results[0]["reused_merge"]:
+                self.engine_calls.setdefault(seed, []).append(
+                    {k: results[0][k] for k in ("key", "merge_seconds", "engine_seconds", "eval_seconds")})
             for r in results:
                 cache[(r["key"], r["split"])] = r
                 with open(path, "a") as f:
@@ -403,14 +407,14 @@ class HeadlineRun:
             r["test_avg"] = sum(r["test"].values()) / len(tasks)
             r["test_normalized"] = norm(r["test"], ft_test)
             r["test_normalized_per_task"] = {t: r["test"][t] / ft_test[t] if ft_test[t] else 0.0 for t in tasks}
-        merges = [r for r in cache.values() if not r.get("reused_merge") and r["merge_seconds"] > 0]
+        calls = self.engine_calls.get(seed, [])
         return {"seed": seed, "tuned": not self.fixed, "rows": rows, "grids": grid_scores, "skipped_rows": skipped,
                 "deltas": stats, "probe_weight_decay": refs["probe"]["weight_decay"],
                 "finetune": {t: {k: metas[t].get(k) for k in ("train_seconds", "train_cpu_seconds", "padded_tokens",
                                                                "final_loss", "seed", "cached", "cache_key",
                                                                "val_accuracy_full", "trainable_parameters")}
                              for t in tasks},
-                "merge_seconds": sorted(r["merge_seconds"] for r in merges),
+                "merge_seconds": sorted(c["merge_seconds"] for c in calls), "engine_calls": calls,
                 "seconds": {"total": round(time.time() - t0, 1), "val_grid": round(val_seconds, 1),
                             "test": round(test_seconds, 1)}}
 
