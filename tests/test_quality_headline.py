@@ -88,7 +88,7 @@ def test_headline_smoke_scores_every_row(headline):
         if name in grids.ROWS:
             assert row["merges"] == 1 and row["params"] == grids.SMOKE_POINTS[name]
     assert len(seed["merge_seconds"]) == len(grids.ROWS)  # one engine call per row, none twice
-    for name in ("headline.json", "headline.md", "splits.json"):
+    for name in ("headline.json", "headline.md", "headline_splits.json"):
         assert (root / "out" / name).stat().st_size > 0
     md = (root / "out" / "headline.md").read_text()
     assert "Fine-tune minus probe" in md and "DRM-H" in md
@@ -277,3 +277,15 @@ def test_unknown_rows_and_tasks_are_refused():
         main(["--regime", "small", "--rows", "ties"])
     with pytest.raises(SystemExit, match="unknown --rows"):
         main(["--regime", "headline", "--rows", "no_such_method"])
+
+
+def test_the_small_regime_report_carries_the_headline_draft_over():
+    from bench.quality import report
+
+    text = f"# old\n{report.DRAFT_BEGIN}\ndraft table\n{report.DRAFT_END}\n{report.BEGIN}\nnotes\n{report.END}\nold rows\n"
+    assert report.carried(text, report.DRAFT_BEGIN, report.DRAFT_END).strip() == "draft table"
+    assert report.carried(text, report.BEGIN, report.END).strip() == "notes"
+    assert report.carried("no markers here", report.DRAFT_BEGIN, report.DRAFT_END) == ""
+    # RESULTS.md as committed holds both blocks, so a small-regime run keeps the draft.
+    committed = (Path(report.__file__).parent / "RESULTS.md").read_text()
+    assert report.carried(committed, report.DRAFT_BEGIN, report.DRAFT_END).strip()

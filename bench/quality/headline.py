@@ -13,8 +13,9 @@ method table (``grids.py``) merges the fine-tunes through ``drmerge.merge`` at e
 grid points, is scored on validation, and its best point (average normalized accuracy)
 once on test. Seeds other than the tuning seed reuse its choices.
 
-Output (``--out``): ``headline.json`` (or ``lora.json``) with everything measured, and
-``headline.md``, a report whose tables go into RESULTS.md.
+Output (``--out``, default ``<work>/out``): ``<regime>.json`` with everything measured,
+``<regime>.md`` (the tables that go into RESULTS.md) and ``<regime>_splits.json`` (the
+SHA-256 of every split).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class HeadlineRun:
                                            "val": t.val, "test": t.test} for n, t in self.tasks.items()}))
             os.replace(tmp, tpath)
         self.manifest = T.manifest(self.tasks, self.data_seed)
-        (self.out / "splits.json").write_text(json.dumps(self.manifest, indent=2) + "\n")
+        (self.out / f"{r.name}_splits.json").write_text(json.dumps(self.manifest, indent=2) + "\n")
         tok = AutoTokenizer.from_pretrained(str(pretrained_dir()))
         encoded = {n: {s: encode(tok, t.split(s), r.train.max_len) for s in ("train", "val", "test")}
                    for n, t in self.tasks.items()}
@@ -512,9 +513,14 @@ def main(args, argv_text: str) -> dict:
         run.close()
     results_seeds.sort(key=lambda r: r["seed"])
     tasks = list(run.tasks)
+    import resource
+
+    cpu = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
     meta = {"command": argv_text, "regime": asdict(reg), "seeds": seeds, "tune_seed": tune,
             "data_seed": args.data_seed, "jobs": args.jobs, "threads": args.threads,
-            "wall_seconds": round(time.time() - started, 1), "load_start": load_start,
+            "wall_seconds": round(time.time() - started, 1), "cpu_seconds_this_invocation": round(cpu, 1),
+            "load_start": load_start,
             "load_end": round(os.getloadavg()[0], 2), "timings": run.timings, "splits": run.manifest,
             "finetunes": {s: {t: {k: m.get(k) for k in ("val_accuracy", "test_accuracy", "train_seconds",
                                                           "train_cpu_seconds", "cached", "dir")}

@@ -227,19 +227,19 @@ def plots(agg: dict, tasks: list[str], out: Path, seeds: list[dict]) -> list[str
     return files
 
 
+def carried(text: str, begin: str, end: str) -> str:
+    """The hand-written block between two markers of the previous RESULTS.md ('' if none)."""
+    return text.split(begin, 1)[1].split(end, 1)[0] if begin in text and end in text else ""
+
+
 def write_report(meta: dict, seeds: list[dict], tasks: list[str], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(seeds, tasks)
     results = {"meta": meta, "tasks": tasks, "aggregate": agg, "seeds": seeds}
     results["plots"] = plots(agg, tasks, out, seeds)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    analysis = draft = ""
     md = out / "RESULTS.md"
-    if md.is_file():
-        text = md.read_text()
-        if BEGIN in text and END in text:
-            analysis = text.split(BEGIN, 1)[1].split(END, 1)[0]
-        if DRAFT_BEGIN in text and DRAFT_END in text:
-            draft = text.split(DRAFT_BEGIN, 1)[1].split(DRAFT_END, 1)[0]
-    md.write_text(markdown(meta, agg, seeds, tasks, analysis, draft) + "\n")
+    text = md.read_text() if md.is_file() else ""
+    md.write_text(markdown(meta, agg, seeds, tasks, carried(text, BEGIN, END), carried(text, DRAFT_BEGIN, DRAFT_END))
+                  + "\n")
     return results
