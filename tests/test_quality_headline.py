@@ -277,6 +277,8 @@ def test_unknown_rows_and_tasks_are_refused():
         main(["--regime", "small", "--rows", "ties"])
     with pytest.raises(SystemExit, match="unknown --rows"):
         main(["--regime", "headline", "--rows", "no_such_method"])
+    with pytest.raises(SystemExit, match="unknown --tasks"):
+        main(["--regime", "headline", "--tasks", "bigram_shift", "no_such_task"])
 
 
 def test_the_small_regime_report_carries_the_headline_draft_over():

@@ -3,8 +3,9 @@
 Every tunable row gets a grid of exactly ``GRID_SIZE`` parameter sets, so no method wins
 by being searched harder; rows without a hyperparameter (``linear``) get one. A row names
 the engine method, the parameters it always sets, and the axes whose product is its grid.
-A method the engine does not (yet) accept is skipped by the driver and reported as such,
-so rows for methods still being written can sit here before the engine has them.
+A row whose spec the engine refuses (a method not in it yet, or one that takes no LoRA
+adapters in the LoRA regime) is skipped by the driver and listed with the engine's
+reason, so rows for methods still being written can sit here before the engine has them.
 
 To add a method: one ``Row`` below, with axes whose product has ``GRID_SIZE`` points.
 """
@@ -23,7 +24,6 @@ class Row:
     method: str                                   # drmerge spec ``method``
     fixed: dict = field(default_factory=dict)     # parameters every grid point sets
     axes: dict = field(default_factory=dict)      # name -> values; the grid is their product
-    adapters: bool = True                         # takes LoRA adapters as inputs (the LoRA regime)
 
     def grid(self) -> list[dict]:
         names = list(self.axes)

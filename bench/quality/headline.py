@@ -26,13 +26,14 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
 from . import grids as G
 from .data import Sizes
+from .training import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,7 +44,7 @@ class Regime:
     tasks: tuple[str, ...]
     sizes: Sizes
     val_select: int               # validation examples per task scored for the grid search
-    train: "object"               # training.TrainConfig
+    train: TrainConfig
     smoke: bool = False
     select_ignore: tuple[str, ...] = ()   # tensors the merges copy from the base (smoke: most layers)
     output_format: str = "full"
@@ -51,7 +52,6 @@ class Regime:
 
 def regime(name: str, smoke: bool = False) -> Regime:
     from .tasks import TASK_NAMES
-    from .training import TrainConfig
 
     kind = {"headline": "full", "lora": "lora"}[name]
     if smoke:
@@ -78,7 +78,7 @@ def _job_train(job: dict) -> dict:
     """Fine-tune one task (full or LoRA), score it, publish it under its content hash."""
     from .data import Task
     from .run import _W, _score
-    from .training import TrainConfig, finalize, train_task
+    from .training import finalize, train_task
 
     out = Path(job["out"])
     enc = _W["encoded"][job["task"]]
@@ -485,6 +485,13 @@ def main(args, argv_text: str) -> dict:
 
     torch.set_num_threads(args.threads)
     reg = regime(args.regime, args.smoke)
+    if args.tasks:
+        from .tasks import TASKS
+
+        unknown = [t for t in args.tasks if t not in TASKS]
+        if unknown:
+            raise SystemExit(f"unknown --tasks {unknown}; known: {', '.join(TASKS)}")
+        reg = replace(reg, tasks=tuple(args.tasks))
     seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     work = args.work or HERE / (f"_work_{args.regime}" + ("_smoke" if args.smoke else ""))
     out = args.out or work / "out"

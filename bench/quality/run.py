@@ -511,6 +511,9 @@ def main(argv=None) -> dict:
                          "are worth merging; lora: the headline tasks as LoRA adapters (bench/quality/headline.py)")
     ap.add_argument("--rows", nargs="+", default=None,
                     help="headline/lora: only these rows of the method table (bench/quality/grids.py)")
+    ap.add_argument("--tasks", nargs="+", default=None,
+                    help="headline/lora: only these tasks (bench/quality/tasks.py); each task's split and "
+                         "fine-tunes do not depend on the others, so the cache still applies")
     ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (2 tasks, 1 epoch, 1 config per method)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default: small 0 1, headline/lora 0 1 2; smoke: 0)")
     ap.add_argument("--data-seed", type=int, default=0)
@@ -534,8 +537,8 @@ def main(argv=None) -> dict:
         from .headline import main as headline_main
 
         return headline_main(args, command)
-    if args.rows:
-        ap.error("--rows applies to the headline and lora regimes")
+    if args.rows or args.tasks:
+        ap.error("--rows and --tasks apply to the headline and lora regimes")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
