@@ -291,3 +291,24 @@ def test_the_small_regime_report_carries_the_headline_draft_over():
     # RESULTS.md as committed holds both blocks, so a small-regime run keeps the draft.
     committed = (Path(report.__file__).parent / "RESULTS.md").read_text()
     assert report.carried(committed, report.DRAFT_BEGIN, report.DRAFT_END).strip()
+
+
+def test_a_merge_the_engine_refuses_is_reported_and_other_failures_are_not_hidden(tmp_path):
+    import drmerge
+    from bench.quality.headline import _job_merge_eval
+
+    for name in ("base", "a", "b"):
+        _write(tmp_path / name, {"encoder.layer.0.attention.self.query.weight": torch.ones(4, 4)})
+        (tmp_path / name / "config.json").write_text("{}")
+    spec = {"models": [{"model": str(tmp_path / "a")}, {"model": str(tmp_path / "b")}],
+            "base_model": str(tmp_path / "base"), "method": "task_arithmetic", "output": str(tmp_path / "out"),
+            "output_format": "adapter"}  # parses, but needs LoRA adapter inputs: refused when merging
+    job = {"key": "task_arithmetic:{}", "out": str(tmp_path / "out"), "spec": spec, "heads": {}, "splits": []}
+    (result,) = _job_merge_eval(job)
+    assert result["key"] == "task_arithmetic:{}"
+    assert result["refused"].startswith("invalid_spec: output_format 'adapter' needs every model")
+    assert not (tmp_path / "out" / "drmerge.json").exists()
+    spec = dict(spec, output_format="full", models=[{"model": str(tmp_path / "missing")}])
+    with pytest.raises(drmerge.MergeError) as err:
+        _job_merge_eval(dict(job, spec=spec))
+    assert err.value.code != "invalid_spec"

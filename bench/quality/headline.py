@@ -113,7 +113,13 @@ def _job_merge_eval(job: dict) -> list[dict]:
     if not reused:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.time()
-        result = drmerge.merge(job["spec"], device="cpu")
+        try:
+            result = drmerge.merge(job["spec"], device="cpu")
+        except drmerge.MergeError as e:
+            if e.code != "invalid_spec":  # anything else is a real failure of the benchmark
+                raise
+            # A method that cannot take these inputs (e.g. no low-rank path for LoRA adapters).
+            return [{"key": job["key"], "refused": f"{e.code}: {e.message}"}]
         merge_s, engine_s, warnings = time.time() - t0, result.seconds, list(result.warnings)
         stamp.write_text(json.dumps(job["spec"]))
     t1 = time.time()
@@ -145,6 +151,7 @@ class HeadlineRun:
     pool: ProcessPoolExecutor | None = None
     timings: dict = field(default_factory=dict)
     engine_calls: dict = field(default_factory=dict)  # seed -> [{key, merge_seconds, eval_seconds}] this invocation
+    refused: dict = field(default_factory=dict)       # config key -> the engine's reason (invalid_spec at merge time)
 
     # -- setup: tasks (cached: building the nine candidate pools takes about a minute), tokens, base
     def prepare(self):
@@ -336,6 +343,10 @@ class HeadlineRun:
         path = self.work / f"seed{seed}" / f"evals-{models_key}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         for done, results in enumerate(self._map(_job_merge_eval, jobs), 1):
+            if "refused" in results[0]:  # not cached: a later engine may accept it
+                self.refused[results[0]["key"]] = results[0]["refused"]
+                log(f"seed {seed}: the engine refused {results[0]['key']}: {results[0]['refused']}")
+                continue
             if not results[0]["reused_merge"]:
                 self.engine_calls.setdefault(seed, []).append(
                     {k: results[0][k] for k in ("key", "merge_seconds", "engine_seconds", "eval_seconds")})
@@ -347,8 +358,8 @@ class HeadlineRun:
                 r = results[0]
                 log(f"seed {seed}: {done}/{len(jobs)} scored (last {r['key']}: merge {r['merge_seconds']}s, "
                     f"eval {r['eval_seconds']}s)")
-        return {s: {m + ":" + json.dumps(p, sort_keys=True): cache[(m + ":" + json.dumps(p, sort_keys=True), s)]
-                    for m, p in configs} for s in splits}
+        keys = [m + ":" + json.dumps(p, sort_keys=True) for m, p in configs]
+        return {s: {k: cache[(k, s)] for k in keys if (k, s) in cache} for s in splits}
 
     def run_seed(self, seed: int, metas: dict) -> dict:
         t0 = time.time()
@@ -383,6 +394,12 @@ class HeadlineRun:
         self.evaluate(seed, single, ("val", "test"), metas, cache, models_key)
         val = self.evaluate(seed, configs, ("val",), metas, cache, models_key)["val"]
         val_seconds = time.time() - t_val
+        for name in list(table):  # a row any of whose points the engine refused is left out whole
+            why = [self.refused[k] for k in (self.rows[name].method + ":" + json.dumps(p, sort_keys=True)
+                                             for p in table[name]) if k in self.refused]
+            if why:
+                skipped[name] = why[0]
+                del table[name]
         chosen, grid_scores = {}, {}
         for name, grid in table.items():
             method = self.rows[name].method
