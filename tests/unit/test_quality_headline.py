@@ -9,7 +9,7 @@ statistics against a float64 computation written here, the content-hash cache ke
 length-bucketed batches, the grid table, and that the perturbation tasks never put a
 sentence and its perturbed twin into two splits.
 
-Needs what tests/test_quality_smoke.py needs, plus Debian ``wamerican`` (the misspelling
+Needs what tests/unit/test_quality_smoke.py needs, plus Debian ``wamerican`` (the misspelling
 task checks that a misspelling is not a real word); in CI a missing one fails the test.
 """
 
