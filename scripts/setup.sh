@@ -15,6 +15,12 @@ command -v redis-server >/dev/null 2>&1 || apt_packages+=(redis-server)
 [ -f /usr/share/wordnet/data.verb ] || apt_packages+=(wordnet-base)
 # The quality benchmark's fortune_topic task (bench/quality) reads the fortune files.
 [ -f /usr/share/games/fortunes/art ] && [ -f /usr/share/games/fortunes/computers ] || apt_packages+=(fortunes fortunes-min)
+# The headline regime's word_language task reads eight languages' word lists (bench/quality/tasks.py);
+# its misspelling task checks against the English one.
+for pair in wamerican:american-english wngerman:ngerman wdutch:dutch wswedish:swedish wfrench:french \
+            witalian:italian wspanish:spanish wportuguese:portuguese; do
+  [ -f "/usr/share/dict/${pair#*:}" ] || apt_packages+=("${pair%%:*}")
+done
 # Debian's python3 ships venv/ensurepip separately.
 "$PY" -c "import ensurepip, venv" >/dev/null 2>&1 || apt_packages+=(python3-venv)
 if [ ${#apt_packages[@]} -gt 0 ]; then

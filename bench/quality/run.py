@@ -2,6 +2,10 @@
 
     python -m bench.quality.run                 # full run, writes bench/quality/RESULTS.md
     python -m bench.quality.run --smoke --out /tmp/q   # tiny end-to-end check (CI)
+    python -m bench.quality.run --regime headline      # the headline regime (bench/quality/headline.py)
+
+This module is the ``small`` (small-deltas) regime, the default of ``--regime``; the
+``headline`` and ``lora`` regimes live in ``headline.py`` and share its worker functions.
 
 Protocol (the paper's, in miniature):
 1. Six tasks (bench/quality/data.py), fixed class-balanced splits from ``--data-seed``.
@@ -502,8 +506,16 @@ class Run:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--regime", choices=("small", "headline", "lora"), default="small",
+                    help="small: six tasks, small deltas (this module); headline: nine tasks whose fine-tunes "
+                         "are worth merging; lora: the headline tasks as LoRA adapters (bench/quality/headline.py)")
+    ap.add_argument("--rows", nargs="+", default=None,
+                    help="headline/lora: only these rows of the method table (bench/quality/grids.py)")
+    ap.add_argument("--tasks", nargs="+", default=None,
+                    help="headline/lora: only these tasks (bench/quality/tasks.py); each task's split and "
+                         "fine-tunes do not depend on the others, so the cache still applies")
     ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (2 tasks, 1 epoch, 1 config per method)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default: 0 1; smoke: 0)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default: small 0 1, headline/lora 0 1 2; smoke: 0)")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="cache folder (default bench/quality/_work[_smoke])")
     ap.add_argument("--out", type=Path, default=None, help="where RESULTS.md/results.json/plots go "
@@ -518,6 +530,15 @@ def main(argv=None) -> dict:
                     help="every seed runs its own validation grids (slower: the grids are most of a seed's merges)")
     ap.add_argument("--finetune-only", action="store_true", help="fine-tune the seeds' models, then stop")
     args = ap.parse_args(argv)
+    command = "python -m bench.quality.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.regime != "small":
+        if args.tune_each_seed:
+            ap.error("--tune-each-seed applies to the small regime only")
+        from .headline import main as headline_main
+
+        return headline_main(args, command)
+    if args.rows or args.tasks:
+        ap.error("--rows and --tasks apply to the headline and lora regimes")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -560,7 +581,7 @@ def main(argv=None) -> dict:
               for f in ("ru_utime", "ru_stime"))
 
     meta = {
-        "command": "python -m bench.quality.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command,
         "profile": asdict(profile), "smoke": args.smoke, "seeds": run.seeds, "tune_seed": args.tune_seed, "data_seed": args.data_seed,
         "jobs": args.jobs, "threads": args.threads, "wall_seconds": round(time.time() - run.started, 1),
         "cpu_seconds_this_invocation": round(cpu, 1),
