@@ -286,15 +286,19 @@ def _heads(config: dict, nh: int, hidden: int, model_type: str) -> int:
     return hidden // nh
 
 
-def presets(config: dict | None) -> tuple[list[SplitRule], list[str]]:
-    """The split presets and the ``in x out`` (Conv1D) patterns for a checkpoint whose
-    ``config.json`` is ``config`` (None: none was found). Fields a config omits take
-    transformers' defaults (as ``from_pretrained`` would); the plan checks every preset
-    against the tensor's shape, so a config that disagrees with its weights is refused.
+def presets(config: dict | None, splits: bool = True) -> tuple[list[SplitRule], list[str]]:
+    """The split presets (none unless ``splits``) and the ``in x out`` (Conv1D) patterns
+    for a checkpoint whose ``config.json`` is ``config`` (None: none was found). Fields a
+    config omits take transformers' defaults (as ``from_pretrained`` would); the plan
+    checks every preset against the tensor's shape, so a config that disagrees with its
+    weights is refused.
     """
     rules: list[SplitRule] = []
     model_type = config.get("model_type") if isinstance(config, dict) else None
     config = config if isinstance(config, dict) else {}
+    conv1d = list(CONV1D.get(model_type, ()))
+    if not splits:
+        return rules, conv1d
     if model_type in LEGACY_FALCON:
         raise MergeError("invalid_spec", f"config.json has model_type {model_type!r} (Falcon's legacy remote code), "
                          "whose fused query_key_value layout drmerge does not guess: give a select.split rule for "
@@ -349,4 +353,4 @@ def presets(config: dict | None) -> tuple[list[SplitRule], list[str]]:
         rules.append(SplitRule(r"(.*\.)?mlp\.gate_up_proj\.weight", parts=2, names=("gate", "up"),
                                label="phi3 gate_up_proj"))
     rules.append(MHA_IN_PROJ)
-    return rules, list(CONV1D.get(model_type, ()))
+    return rules, conv1d
