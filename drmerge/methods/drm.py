@@ -39,6 +39,12 @@ AUTO_RULES = ("rank", "orthogonality")
 # The authors' stacked-rank rule counts singular values above RANK_RULE_RTOL times the
 # largest (torch.linalg.matrix_rank(S, rtol=0.1)), not DRM's 0.01.
 RANK_RULE_RTOL = 0.1
+# Orthogonality scores closer than this times T^2 are a tie (vertical). The authors compare
+# strictly; but exact ties are common (LoRA deltas: the blocks are orthogonal, G = diag(r_t)
+# in both directions, so both scores are T^2 - sum_t |r_t - 1| exactly), and there the
+# strict comparison is decided by rounding, differently on the dense and factored paths or
+# another device. Any real difference between the scores is far above it.
+ORTH_TIE = 1e-9
 
 
 class DrmParams(Params):
@@ -93,7 +99,7 @@ def choose_direction(deltas: "torch.Tensor | None", rule: str, rank_threshold: f
       stack's singular vectors (U blocks of ``S_v``, V blocks of ``S_h``), the components
       above ``rank_threshold`` (their 0.01) kept.
 
-    Ties go vertical, as in their code."""
+    Ties go vertical, as in their code (orthogonality: scores within ``ORTH_TIE * T^2``)."""
     from ..kernels.decompose import lowrank_row_basis, shared_row_basis, stack_spectrum
 
     if rule == "rank":
@@ -109,7 +115,8 @@ def choose_direction(deltas: "torch.Tensor | None", rule: str, rank_threshold: f
         vertical = lowrank_row_basis(factors, shape, rank_threshold)
         horizontal = lowrank_row_basis([f.t() if f is not None else None for f in factors], (shape[1], shape[0]),
                                        rank_threshold)
-    return "horizontal" if _orthogonality(horizontal) > _orthogonality(vertical) else "vertical"
+    tasks = len(factors) if deltas is None else deltas.shape[0]
+    return "horizontal" if _orthogonality(horizontal) > _orthogonality(vertical) + ORTH_TIE * tasks**2 else "vertical"
 
 
 def _count_above(s: "torch.Tensor", rtol: float) -> int:
