@@ -64,10 +64,6 @@ class MatrixView:
     parts: tuple[Part, ...] = ()
     rule: str | None = None
 
-    def linear_shape(self, stored: tuple[int, ...]) -> tuple[int, int]:
-        n, m = stored
-        return (m, n) if self.transposed else (n, m)
-
     def to_dict(self) -> dict:
         """For the plan fingerprint and ``drmerge validate``."""
         return {"transposed": self.transposed, "axis": self.axis, "rule": self.rule,
@@ -103,11 +99,6 @@ class SplitRule:
         return {"pattern": self.pattern, "parts": self.parts, "sizes": list(self.sizes) if self.sizes else None,
                 "axis": self.axis, "layout": self.layout, "groups": self.groups,
                 "names": list(self.names) if self.names else None}
-
-    def describe(self) -> str:
-        how = f"{self.count} parts" if self.parts is not None else f"sizes {list(self.sizes)}"
-        groups = f" in each of {self.groups} head groups" if self.layout == "interleaved" else ""
-        return f"{'/'.join(self.part_names())} ({self.layout}, {how}{groups}, axis {self.axis})"
 
     def split(self, length: int) -> tuple[Part, ...]:
         """The parts of an axis of ``length``; ``ValueError`` saying why it does not fit."""

@@ -158,6 +158,9 @@ class Result(BaseModel):
                                                              "`energy_kept` (the fraction of the merged deltas' "
                                                              "squared norm the rank truncation kept; per module "
                                                              "in the output's drmerge.json).")
+    decisions: dict[str, dict[str, int]] | None = Field(
+        None, description="What the method decided per matrix, counted (e.g. DRM `direction: auto`: "
+                          "`{direction: {vertical: 10, horizontal: 4}}`; per matrix in the output's drmerge.json).")
 
 
 class WebhookOut(BaseModel):

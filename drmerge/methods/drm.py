@@ -14,6 +14,12 @@ so no division by singular values is ever needed on this path.
 Horizontal DRM on ``D_t`` is vertical DRM on ``D_t^T``, transposed back: stacking the
 transposes vertically gives ``S_h^T``, whose U-blocks are the V-blocks of ``S_h``. For
 factors, ``D_t^T = A_t^T B_t^T`` is again a factored delta with the roles swapped.
+``direction: auto`` chooses one of the two per matrix (``choose_direction``: the authors'
+stacked-rank or orthogonality rule), and ``nonlinear_trim: global`` makes the trim of the
+vector-like tensors one per model over all of them (``pool_keep``).
+
+Every matrix arrives as the linear map ``out x in`` and every part of a fused projection as
+its own matrix (``splits_fused``: the plan's views, drmerge/layouts.py).
 
 Torch-free at import (the API process validates DRM's parameters through this module):
 every function that touches tensors imports torch in its body.
@@ -108,15 +114,16 @@ def choose_direction(deltas: "torch.Tensor | None", rule: str, rank_threshold: f
                              [f.t() if f is not None else None for f in factors] if factors is not None else None,
                              (shape[1], shape[0]) if shape is not None else None)
         return "horizontal" if _count_above(s_h, RANK_RULE_RTOL) < _count_above(s_v, RANK_RULE_RTOL) else "vertical"
+    # One stack's decomposition at a time: only its score is kept.
     if deltas is not None:
-        vertical = shared_row_basis(deltas, rank_threshold)
-        horizontal = shared_row_basis(deltas.transpose(1, 2), rank_threshold)
+        score_v = _orthogonality(shared_row_basis(deltas, rank_threshold))
+        score_h = _orthogonality(shared_row_basis(deltas.transpose(1, 2), rank_threshold))
     else:
-        vertical = lowrank_row_basis(factors, shape, rank_threshold)
-        horizontal = lowrank_row_basis([f.t() if f is not None else None for f in factors], (shape[1], shape[0]),
-                                       rank_threshold)
+        score_v = _orthogonality(lowrank_row_basis(factors, shape, rank_threshold))
+        score_h = _orthogonality(lowrank_row_basis([f.t() if f is not None else None for f in factors],
+                                                   (shape[1], shape[0]), rank_threshold))
     tasks = len(factors) if deltas is None else deltas.shape[0]
-    return "horizontal" if _orthogonality(horizontal) > _orthogonality(vertical) + ORTH_TIE * tasks**2 else "vertical"
+    return "horizontal" if score_h > score_v + ORTH_TIE * tasks**2 else "vertical"
 
 
 def _count_above(s: "torch.Tensor", rtol: float) -> int:
