@@ -31,12 +31,12 @@ import torch
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, AdapterReader
 from .checkpoint import CODE_OF, DTYPES, OutTensor, ShardWriter, shard_header
 from .errors import Cancelled, Interrupted, MergeError
-from .execute import module_delta, resolve_device
+from .execute import decisions_record, module_delta, resolve_device, resolve_pools
 from .inputs import Inputs
 from .kernels.lowrank import LowRank, truncated
 from .methods.base import COPY
 from .output import OutputTransaction
-from .result import MergeResult, Progress, adapter_summary
+from .result import MergeResult, Progress, adapter_summary, decisions_summary
 from .spec import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -146,10 +146,11 @@ def plan_adapter_output(spec: MergeSpec, inputs) -> AdapterPlan:
     return AdapterPlan(modules, rank, ranks, code, planned)
 
 
-def merged_module(inputs, tp, factors: list, device: torch.device, rank: int) -> tuple[LowRank, float, float]:
+def merged_module(inputs, tp, factors: list, device: torch.device, rank: int,
+                  notes: dict | None = None) -> tuple[LowRank, float, float]:
     """Rank-``rank`` factors of ``lam * D`` for one module (base orientation), with the
-    energy kept and total."""
-    approx, kept, total = truncated(module_delta(inputs, tp, factors, device), rank)
+    energy kept and total; ``notes`` receives what the method decided for it."""
+    approx, kept, total = truncated(module_delta(inputs, tp, factors, device, notes), rank)
     scale = inputs.method.scale(tp.params)
     return LowRank(approx.left * scale, approx.right), kept, total
 
@@ -205,9 +206,15 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
         timings["plan_s"] = time.perf_counter() - started
         state.tensors_total = len(modules)
         tx.begin()
+        if inputs.plan.pools:
+            report("pooling")
+            resolve_pools(inputs, [tp.name for tp, *_ in modules], inputs.poll)
+            by_name = inputs.plan.by_name()
+            modules = [(by_name[tp.name], *rest) for tp, *rest in modules]
         report("merging")
         writer = ShardWriter(tx.out, ADAPTER_WEIGHTS, planned)
         energy: dict[str, dict] = {}
+        decisions: dict[str, dict] = {}
         kept_sum = total_sum = 0.0
         for tp, key, n_out, n_in, fifo in modules:
             if should_cancel is not None and should_cancel():
@@ -219,7 +226,10 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
             factors = [m.read(tp.name) for m in inputs.models]
             state.bytes_read += sum(m.nbytes(tp.name) for m in inputs.models)
             t1 = time.perf_counter()
-            approx, kept, total = merged_module(inputs, tp, factors, dev, ranks[key])
+            notes: dict = {}
+            approx, kept, total = merged_module(inputs, tp, factors, dev, ranks[key], notes)
+            if notes:
+                decisions[tp.name] = decisions_record(notes)
             b, a = (approx.right.T, approx.left.T) if fifo else (approx.left, approx.right)  # PEFT orientation
             k = approx.rank
             b_out = torch.zeros(n_out, ranks[key], dtype=out_dtype)
@@ -249,10 +259,11 @@ def run_adapter_merge(spec: MergeSpec, *, device: str = "auto", progress=None, s
         result = MergeResult(output=spec.output, files=files, tensors=len(planned), bytes_read=state.bytes_read,
                              bytes_written=state.bytes_written, seconds=seconds,
                              timings={k: round(v, 4) for k, v in timings.items()}, warnings=warnings, device=str(dev),
-                             resumed={"shards_kept": 0, "tensors_skipped": 0} if completed_shards is not None else None)
+                             resumed={"shards_kept": 0, "tensors_skipped": 0} if completed_shards is not None else None,
+                             decisions=decisions_summary(decisions))
         adapter = {"rank": rank, "energy_kept": kept_sum / total_sum if total_sum > 0 else 1.0, "modules": energy}
         result.adapter = adapter_summary(adapter)
-        tx.finish(result, created_at, {"adapter": adapter})
+        tx.finish(result, created_at, {"adapter": adapter, **({"decisions": decisions} if decisions else {})})
         report("done")
         return result
     except BaseException as e:

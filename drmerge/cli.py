@@ -100,7 +100,34 @@ def cmd_validate(args) -> int:
             print(f"valid: {report['tensors']} tensors ({kinds}), {report['shards']} output shard(s), "
                   f"{_size(report['output_bytes'])} out")
         print(f"  files: {', '.join(report['files'])}")
+        for line in structure_lines(report):
+            print(f"  {line}")
     return 0
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({', '.join(names[:limit])}{more})"
+
+
+def structure_lines(report: dict) -> list[str]:
+    """``drmerge validate``'s lines on splits, orientation, exclusions, statistics, pooled
+    trims and what is decided at merge time (pipeline.structure)."""
+    lines = []
+    for rule, entry in report.get("splits", {}).items():
+        lines.append(f"split by {rule} into {entry['parts']}: {_names(entry['tensors'])}")
+    if report.get("transposed"):
+        lines.append(f"transposed (stored in x out, merged as the linear map out x in): {_names(report['transposed'])}")
+    for pattern, names in report.get("excluded", {}).items():
+        lines.append(f"excluded from the matrices by {pattern!r} (merged as vector-like): {_names(names)}")
+    if report.get("statistics"):
+        lines.append(f"statistics (the weighted mean of the models' values): {_names(report['statistics'])}")
+    for kind, pool in report.get("pools", {}).items():
+        lines.append(f"one trim over all {pool['tensors']} {kind} tensors together, keeping {pool['keep']:g} of "
+                     "each model's entries")
+    for name, entry in report.get("decided", {}).items():
+        lines.append(f"{name}: {entry['how']} ({entry['matrices']} matrices and parts)")
+    return lines
 
 
 def _size(n: int) -> str:

@@ -17,15 +17,19 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from .checkpoint import DTYPES
 from .errors import Cancelled, MergeError
-from .kernels.elementwise import merge_elementwise
+from .kernels.elementwise import CHUNK_ELEMENTS, merge_elementwise
 from .kernels.lowrank import LowRank, dense_to_lowrank
-from .methods.base import Op
+from .kernels.parts import dense_by_parts, lowrank_by_parts
+from .kernels.rules import Divide, ElementwiseRule, Sign
+from .kernels.topk import PooledKth
+from .methods.base import POOL_FLOOR, Op
 from .plan import TensorPlan
 
 if TYPE_CHECKING:
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
 
 COMPUTE_DTYPE = torch.float32
 PREFETCH = 2  # tensors read ahead of the one being merged
+# Op.MEAN (normalisation statistics): sum_t w_t X_t / sum_t w_t of the models' values.
+MEAN_RULE = ElementwiseRule(sign=Sign.NONE, divide=Divide.WEIGHTS, of_weights=True)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -54,8 +60,9 @@ def model_weights(tp: TensorPlan) -> torch.Tensor:
 
 
 def merge_one(inputs: "Inputs", tp: TensorPlan, base: torch.Tensor | None, tensors: list,
-              device: torch.device) -> torch.Tensor:
+              device: torch.device, notes: dict | None = None) -> torch.Tensor:
     """Merge one tensor (already read) and return it in its output dtype, on the CPU.
+    ``notes`` (a dict) receives what the method decided per matrix or part (``decide``).
 
     Memory: element-wise merges run chunk by chunk; a dense merge converts the inputs once
     into a preallocated float32 stack whose deltas are formed in place, and the buffers as
@@ -64,22 +71,26 @@ def merge_one(inputs: "Inputs", tp: TensorPlan, base: torch.Tensor | None, tenso
     out_dtype = DTYPES[tp.out.dtype][0]
     if tp.op == Op.COPY:
         return (base if base is not None else tensors[0]).to(out_dtype)
-    if tp.op in (Op.ELEMENTWISE, Op.ELEMENTWISE_LAZY):
+    if tp.op in (Op.ELEMENTWISE, Op.ELEMENTWISE_LAZY, Op.MEAN):
         def check(b, stack):
             check_finite(inputs.spec, tp.name, b, stack)
-        rule = inputs.method.elementwise_rule(tp.kind, tp.params, tp.models)
+        if tp.op == Op.MEAN:  # a model that leaves the tensor alone (a LoRA adapter) holds the base's values
+            rule, tensors, base = MEAN_RULE, [base if t is None else t for t in tensors], None
+        else:
+            rule = inputs.method.elementwise_rule(tp.kind, tp.params, tp.models)
         return merge_elementwise(rule, base, tensors, model_weights(tp), compute_dtype=COMPUTE_DTYPE, device=device,
                                  out_dtype=out_dtype, check_finite=check)
     if tp.op == Op.DENSE:
-        merged = _dense(inputs, tp, base, tensors, device)
+        merged = _dense(inputs, tp, base, tensors, device, notes)
     elif tp.op == Op.LOWRANK:
-        merged = _lowrank(inputs, tp, base, tensors, device)
+        merged = _lowrank(inputs, tp, base, tensors, device, notes)
     else:
         raise MergeError("internal_error", f"unknown operation {tp.op!r} for tensor {tp.name!r}")
     return merged.to(dtype=out_dtype).cpu()
 
 
-def _dense(inputs: "Inputs", tp: TensorPlan, base: torch.Tensor, tensors: list, device: torch.device) -> torch.Tensor:
+def _dense(inputs: "Inputs", tp: TensorPlan, base: torch.Tensor, tensors: list, device: torch.device,
+           notes: dict | None = None) -> torch.Tensor:
     """``W0 + lam * D``, ``D`` the method's dense delta of the materialised task deltas."""
     method = inputs.method
     if base is None:  # no method plans a dense merge without a base (needs_base)
@@ -88,37 +99,158 @@ def _dense(inputs: "Inputs", tp: TensorPlan, base: torch.Tensor, tensors: list, 
     if any(t is not None for t in tensors):
         stack = task_stack(inputs.spec.models, tp.name, tensors, b, tp.out.shape, device)
         tensors.clear()
-        delta = method.dense_delta(tp.kind, stack, model_weights(tp).to(device), tp.params, tp.models)
+        delta = dense_delta(inputs, tp, stack, model_weights(tp).to(device), notes)
         del stack
         return delta.mul_(method.scale(tp.params)).add_(b)  # W0 + lam * D, as MergeMethod.merge_tensor computes it
     return base  # no model changes this tensor (LoRA adapters that leave it alone)
 
 
-def _lowrank(inputs: "Inputs", tp: TensorPlan, base: torch.Tensor, tensors: list, device: torch.device) -> torch.Tensor:
+def _lowrank(inputs: "Inputs", tp: TensorPlan, base: torch.Tensor, tensors: list, device: torch.device,
+             notes: dict | None = None) -> torch.Tensor:
     """``W0 + lam * D``, ``D`` the method's low-rank form on the factored task deltas."""
     method = inputs.method
     b = _base(base, tp.name, device)
     factors = _factors(inputs, tp, tensors, device)
     if all(f is None for f in factors):
         return base  # no model changes this tensor
-    delta = method.lowrank_delta(tp.kind, factors, tuple(tp.out.shape), model_weights(tp).to(device), tp.params,
-                                 tp.models).dense(torch.float32)
+    delta = lowrank_delta(inputs, tp, factors, model_weights(tp).to(device), notes).dense(torch.float32)
     return b + method.scale(tp.params) * delta.reshape(base.shape)
 
 
-def module_delta(inputs: "Inputs", tp: TensorPlan, factors: list, device: torch.device) -> LowRank:
+def dense_delta(inputs: "Inputs", tp: TensorPlan, stack: torch.Tensor, weights: torch.Tensor,
+                notes: dict | None = None) -> torch.Tensor:
+    """The method's dense delta of a (T, *stored) stack, through the plan's view of the
+    matrix (transposed to out x in, part by part: kernels/parts.py), the parameters of
+    each part as the method decides them (``decide``), as stored."""
+    method = inputs.method
+
+    def merge(sub: torch.Tensor, part) -> torch.Tensor:
+        params, record = method.decide(tp.kind, tp.params, deltas=sub)
+        _note(notes, part, record)
+        return method.dense_delta(tp.kind, sub, weights, params, tp.models)
+
+    return dense_by_parts(tp.view, stack, merge)
+
+
+def lowrank_delta(inputs: "Inputs", tp: TensorPlan, factors: list, weights: torch.Tensor,
+                  notes: dict | None = None) -> LowRank:
+    """``dense_delta``'s twin on factored task deltas: the method's low-rank form, part by
+    part (a part of ``B A`` is ``B[rows] A``), kept factored, as stored."""
+    method = inputs.method
+
+    def merge(part_factors: list, shape: tuple[int, int], part) -> LowRank:
+        if all(f is None for f in part_factors):
+            return LowRank.zeros(*shape, device=next((f.left.device for f in factors if f is not None), None))
+        params, record = method.decide(tp.kind, tp.params, factors=part_factors, shape=shape)
+        _note(notes, part, record)
+        return method.lowrank_delta(tp.kind, part_factors, shape, weights, params, tp.models)
+
+    return lowrank_by_parts(tp.view, factors, tuple(tp.out.shape), merge)
+
+
+def _note(notes: dict | None, part, record: dict) -> None:
+    """What the method decided for a matrix (``notes[None]``) or a part (by its name)."""
+    if notes is not None and record:
+        notes[part.name if part is not None else None] = dict(record)
+
+
+def decisions_record(notes: dict) -> dict:
+    """A tensor's notes as drmerge.json records them: the decision of an unsplit matrix,
+    or ``{"parts": {name: decision}}``."""
+    if None in notes:
+        return notes[None]
+    return {"parts": notes}
+
+
+def module_delta(inputs: "Inputs", tp: TensorPlan, factors: list, device: torch.device,
+                 notes: dict | None = None) -> LowRank:
     """``D`` of one LoRA-adapted module for an adapter output, factored: the method's
     low-rank form (``Op.LOWRANK``), or the SVD of its dense delta (``Op.DENSE``)."""
-    method = inputs.method
     shape = tuple(tp.out.shape)
     weights = model_weights(tp).to(device)
     if tp.op == Op.LOWRANK:
-        return method.lowrank_delta(tp.kind, _factors(inputs, tp, factors, device), shape, weights, tp.params,
-                                    tp.models)
+        return lowrank_delta(inputs, tp, _factors(inputs, tp, factors, device), weights, notes)
     if tp.op != Op.DENSE:
         raise MergeError("internal_error", f"operation {tp.op!r} cannot make an adapter module ({tp.name!r})")
     stack = task_stack(inputs.spec.models, tp.name, factors, None, shape, device)
-    return dense_to_lowrank(method.dense_delta(tp.kind, stack, weights, tp.params, tp.models).reshape(shape))
+    return dense_to_lowrank(dense_delta(inputs, tp, stack, weights, notes).reshape(shape))
+
+
+# ---------------------------------------------------------------------------- pooled trims
+
+
+def resolve_pools(inputs: "Inputs", names: Iterable[str] | None = None, poll: Callable[[], None] | None = None,
+                  chunk: int = CHUNK_ELEMENTS) -> dict[str, tuple[float, ...]]:
+    """Compute every pooled trim of the plan (``Plan.pools``: a method's ``pool_keep``) that
+    a tensor among ``names`` (None: all) takes part in, and hand each member tensor its
+    models' thresholds as the per-model value ``POOL_FLOOR``. Returns pool -> thresholds.
+
+    Per model ``t``, over the ``N`` entries of all the pool's task deltas together (a model
+    that leaves a tensor alone contributes zeros): ``k = N - round(N * keep)`` and the
+    threshold is the k-th smallest magnitude, the authors' ``kthvalue`` (no trim, threshold
+    0, when ``k <= 0``). Memory stays bounded whatever the pool's size (embeddings included):
+    two streaming passes over the pool, chunk by chunk (kernels/topk.py ``PooledKth``)."""
+    plan = inputs.plan
+    wanted = None if names is None else set(names)
+    found: dict[str, tuple[float, ...]] = {}
+    for pool, keep in plan.pools.items():
+        members = [tp for tp in plan.tensors if tp.pool == pool]
+        if wanted is not None and not any(tp.name in wanted for tp in members):
+            continue
+        selects = [PooledKth() for _ in inputs.models]
+        for _ in range(2):
+            for tp in members:
+                _pool_pass(inputs, tp, selects, poll, chunk)
+            if selects[0].bucket is None:  # after pass 1: where the k-th smallest lies
+                n = selects[0].count
+                k = n - round(n * keep)
+                if k <= 0:
+                    break
+                for sel in selects:
+                    sel.select(k)
+        floors = tuple(sel.value() if sel.bucket is not None else 0.0 for sel in selects)
+        found[pool] = floors
+        for i, tp in enumerate(plan.tensors):
+            if tp.pool == pool:
+                plan.tensors[i] = replace(tp, models=replace(tp.models, values={**tp.models.values, POOL_FLOOR: floors}))
+    return found
+
+
+def _pool_pass(inputs: "Inputs", tp: TensorPlan, selects: list, poll, chunk: int) -> None:
+    """One pass of every model's task delta of one tensor into its ``PooledKth``."""
+    from .checkpoint import Source
+
+    base = inputs.base
+    n = math.prod(tp.out.shape)
+    for i, (entry, reader, source, sel) in enumerate(zip(inputs.spec.models, inputs.models, tp.sources, selects)):
+        if poll is not None:
+            poll()
+        if source == Source.ABSENT:
+            sel.add_zeros(n)
+        elif source == Source.FULL:
+            for a in range(0, n, chunk):
+                b = min(n, a + chunk)
+                d = reader.read_elements(tp.name, a, b).to(COMPUTE_DTYPE)
+                if base is not None:
+                    bc = base.read_elements(tp.name, a, b).to(COMPUTE_DTYPE)
+                    if not _all_finite(bc):
+                        raise MergeError("non_finite_weights", f"base_model has NaN or Inf values in tensor "
+                                         f"{tp.name!r}", param="base_model")
+                    d -= bc
+                if not _all_finite(d):
+                    raise _not_finite(i, entry, tp.name)
+                sel.add(d.abs_())
+        else:  # LoRA factors (or an adapter's layer copy plus them): the whole delta, one tensor at a time
+            t = reader.read(tp.name)
+            if isinstance(t, LowRank):
+                d = _factor(t, i, entry, tp.name, torch.device("cpu")).dense(COMPUTE_DTYPE)
+            else:
+                d = t.to(COMPUTE_DTYPE)
+                if not _all_finite(d):
+                    raise _not_finite(i, entry, tp.name)
+                if base is not None:
+                    d -= base.read(tp.name).to(COMPUTE_DTYPE)
+            sel.add(d.abs_())
 
 
 # ---------------------------------------------------------------------------- task deltas
@@ -202,8 +334,11 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 def merged_tensors(inputs: "Inputs", names: Iterable[str], device: torch.device,
                    timings: dict, progress_bytes: Callable[[int], None] | None = None,
-                   should_cancel: Callable[[], bool] | None = None) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+                   should_cancel: Callable[[], bool] | None = None,
+                   decisions: dict | None = None) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
     """Merge any subset of tensors, in the given order, prefetching the next ones.
+    ``decisions`` (a dict) receives, per tensor, what the method decided for it
+    (``decisions_record``), if anything.
 
     This is the unit a merge can be split into across workers.
     """
@@ -229,8 +364,11 @@ def merged_tensors(inputs: "Inputs", names: Iterable[str], device: torch.device,
             t1 = time.perf_counter()
             if progress_bytes:
                 progress_bytes(inputs.nbytes(tp.name))
-            merged = merge_one(inputs, tp, base, tensors, device)
+            notes: dict = {}
+            merged = merge_one(inputs, tp, base, tensors, device, notes)
             del base, tensors  # the buffers as read are not kept alive while the writer works
+            if notes and decisions is not None:
+                decisions[tp.name] = decisions_record(notes)
             timings["read_wait_s"] += t1 - t0
             timings["compute_s"] += time.perf_counter() - t1
             yield tp, merged

@@ -92,7 +92,8 @@ class Inputs:
         s.pop("overwrite", None)
         h.update(json.dumps(s, sort_keys=True).encode())
         for tp in self.plan.tensors:
-            h.update(json.dumps([tp.name, tp.kind, tp.out.dtype, list(tp.out.shape)]).encode())
+            view = tp.view.to_dict() if tp.view is not None else None  # from config.json too: not in the spec
+            h.update(json.dumps([tp.name, tp.kind, tp.out.dtype, list(tp.out.shape), view, tp.pool]).encode())
         h.update(json.dumps([[t.name for t in shard] for shard in self.plan.shards]).encode())
         for reader in ([self.base] if self.base else []) + self.models:
             for name, info in sorted(getattr(reader, "tensors", {}).items()):

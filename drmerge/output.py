@@ -32,7 +32,7 @@ from typing import Callable
 
 from .checkpoint import INDEX_FILE, MAX_SMALL_FILE_BYTES, shard_header
 from .errors import Cancelled, Interrupted, MergeError, StopPoll
-from .result import CancelFn, MergeResult, adapter_summary
+from .result import CancelFn, MergeResult, adapter_summary, decisions_summary
 from .spec import MergeSpec
 from .storage import Storage, open_storage
 from .version import __version__
@@ -98,12 +98,19 @@ class OutputTransaction:
 
     # ------------------------------------------------------------------ the ledger
 
-    def committed(self, entry: dict, shard: bool = True, report: bool = True) -> None:
+    def committed(self, entry: dict, shard: bool = True, report: bool = True, extra: dict | None = None) -> None:
         """An object this run committed (``{name, size, sha256}``): in the ledger, and
-        reported through ``on_shard`` (with the plan fingerprint) if ``report``."""
+        reported through ``on_shard`` (with the plan fingerprint and ``extra``, e.g. the
+        shard's per-matrix decisions, which a resumed run reads back) if ``report``."""
         (self.shards if shard else self.others).append(entry["name"])
         if report and self.on_shard is not None:
-            self.on_shard(dict(entry, plan=self.fingerprint))
+            self.on_shard(dict(entry, plan=self.fingerprint, **(extra or {})))
+
+    def kept_entries(self) -> dict[int, dict]:
+        """The journal entries of the shards ``resume`` kept (shard index -> entry as
+        recorded, with whatever ``extra`` it carried)."""
+        by_name = {e.get("name"): e for e in self.completed or [] if isinstance(e, dict)}
+        return {i: by_name.get(k["name"], {}) for i, k in self.kept.items()}
 
     def write(self, name: str, data: bytes, report: bool = False) -> dict:
         """Write a small object whole; returns its file entry."""
@@ -187,7 +194,8 @@ class OutputTransaction:
                            timings=timings, warnings=list(marker.get("warnings") or []),
                            device=str(marker.get("device") or device),
                            resumed={"shards_kept": len(files), "tensors_skipped": int(marker.get("tensors") or 0)},
-                           adapter=adapter_summary(marker.get("adapter")))
+                           adapter=adapter_summary(marker.get("adapter")),
+                           decisions=_summary(marker.get("decisions")))
 
     def _kept_shards(self, plan, names: list[str], warnings: list[str], poll) -> dict[int, dict]:
         """The recorded shards that are still exactly what this run would write: shard index
@@ -215,6 +223,13 @@ class OutputTransaction:
                 continue
             kept[i] = {"name": name, "size": size, "sha256": entry["sha256"]}
         return kept
+
+
+def _summary(decisions) -> dict | None:
+    try:
+        return decisions_summary(decisions) if isinstance(decisions, dict) else None
+    except (AttributeError, KeyError, TypeError):  # not what this engine writes
+        return None
 
 
 def preflight(spec: MergeSpec, out: Storage) -> None:

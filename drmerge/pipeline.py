@@ -36,11 +36,12 @@ import torch
 
 from .checkpoint import INDEX_FILE, ShardWriter, index_json, shard_header, shard_names
 from .errors import Interrupted
-from .execute import limit_malloc_arenas, merged_tensors, resolve_device
+from .execute import limit_malloc_arenas, merged_tensors, resolve_device, resolve_pools
 from .inputs import Inputs
 from .output import OutputTransaction, discard_partial_output, preflight  # noqa: F401 (discard_partial_output: API)
+from .methods.base import MATRIX, STATISTIC
 from .plan import Plan
-from .result import CancelFn, MergeResult, Progress, ProgressFn
+from .result import CancelFn, MergeResult, Progress, ProgressFn, decisions_summary
 from .spec import MergeSpec
 from .storage import Storage, open_storage
 
@@ -125,11 +126,24 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
         state.tensors_total = len(plan.tensors)
         state.tensors_done = sum(len(plan.shards[i]) for i in kept)
         tx.begin()
-        report("merging")
-        writer = _BackgroundWriter(tx.out, plan, add_written, skip=frozenset(kept),
-                                   on_commit=lambda index, entry: tx.committed(entry))
         todo = [t.name for i, shard in enumerate(plan.shards) if i not in kept for t in shard]
-        for tp, merged in merged_tensors(inputs, todo, dev, timings, add_read, check_stop):
+        if plan.pools:  # pooled trims (DRM's nonlinear_trim: global) need a pass over their tensors first
+            report("pooling")
+            resolve_pools(inputs, todo, inputs.poll)
+        report("merging")
+        # What the method decided per matrix (DRM's direction: auto): each shard's entry in
+        # the journal carries its tensors' decisions, so a resumed run still records them all.
+        decisions: dict[str, dict] = {}
+        for entry in tx.kept_entries().values():
+            if isinstance(entry.get("decisions"), dict):
+                decisions.update(entry["decisions"])
+
+        def commit(index: int, entry: dict) -> None:
+            mine = {t.name: decisions[t.name] for t in plan.shards[index] if t.name in decisions}
+            tx.committed(entry, extra={"decisions": mine} if mine else None)
+
+        writer = _BackgroundWriter(tx.out, plan, add_written, skip=frozenset(kept), on_commit=commit)
+        for tp, merged in merged_tensors(inputs, todo, dev, timings, add_read, check_stop, decisions):
             writer.put(tp.name, merged)
             state.tensors_done += 1
             report()
@@ -148,8 +162,8 @@ def run_merge(spec: MergeSpec, *, device: str = "auto", progress: ProgressFn | N
                              seconds=seconds, timings={k: round(v, 4) for k, v in timings.items()},
                              warnings=list(plan.warnings), device=str(dev),
                              resumed={"shards_kept": len(kept), "tensors_skipped": len(plan.tensors) - len(todo)}
-                             if completed_shards is not None else None)
-        tx.finish(result, created_at)
+                             if completed_shards is not None else None, decisions=decisions_summary(decisions))
+        tx.finish(result, created_at, {"decisions": dict(sorted(decisions.items()))} if decisions else None)
         report("done")
         return result
     except BaseException as e:
@@ -250,7 +264,8 @@ def validate(spec: MergeSpec, s3_options: dict | None = None) -> dict:
                 kinds[tp.kind] = kinds.get(tp.kind, 0) + 1
             return {"output_format": "adapter", "tensors": len(ap.tensors), "modules": len(ap.modules),
                     "adapter_rank": ap.rank, "kinds": kinds, "shards": 1, "files": [ADAPTER_WEIGHTS, ADAPTER_CONFIG],
-                    "output_bytes": ap.weights_bytes, "warnings": plan.warnings}
+                    "output_bytes": ap.weights_bytes, **structure(spec, [tp for tp, *_ in ap.modules], plan),
+                    "warnings": plan.warnings}
         kinds = {}
         for tp in plan.tensors:
             kinds[tp.kind] = kinds.get(tp.kind, 0) + 1
@@ -259,6 +274,35 @@ def validate(spec: MergeSpec, s3_options: dict | None = None) -> dict:
         return {"output_format": "full", "tensors": len(plan.tensors), "kinds": kinds, "shards": len(plan.shards),
                 "files": files,
                 "output_bytes": sum(len(shard_header(shard)) + sum(t.nbytes for t in shard) for shard in plan.shards),
-                "warnings": plan.warnings}
+                **structure(spec, plan.tensors, plan), "warnings": plan.warnings}
     finally:
         inputs.close()
+
+
+def structure(spec: MergeSpec, tensors, plan: Plan) -> dict:
+    """What ``drmerge validate`` shows of the tensors' treatment beyond their kinds: the
+    fused matrices split (by which rule or preset, into which parts), the matrices merged
+    transposed, what each exclusion pattern turned from a matrix into a vector-like tensor,
+    the normalisation statistics, the pooled trims, and what the method decides per matrix
+    only at merge time (it needs the data: see drmerge.json's ``decisions``)."""
+    splits: dict[str, dict] = {}
+    transposed = []
+    for tp in tensors:
+        if tp.view is None:
+            continue
+        if tp.view.transposed:
+            transposed.append(tp.name)
+        if tp.view.parts:
+            parts = tp.view.parts
+            layout = (f"{'/'.join(p.name for p in parts)}: {'/'.join(str(p.size) for p in parts)} "
+                      f"{'rows' if tp.view.axis == 'out' else 'columns'} of the linear map, "
+                      f"{len(parts[0].ranges)} block(s) each")
+            entry = splits.setdefault(tp.view.rule, {"parts": layout, "tensors": []})
+            entry["tensors"].append(tp.name)
+    matrices = sum(len(tp.view.parts) if tp.view is not None and tp.view.parts else 1
+                   for tp in tensors if tp.kind == MATRIX)
+    method = spec.merge_method
+    return {"splits": splits, "transposed": transposed, "excluded": plan.excluded,
+            "statistics": [tp.name for tp in tensors if tp.kind == STATISTIC],
+            "pools": {k: {"keep": v, "tensors": sum(1 for tp in tensors if tp.pool == k)} for k, v in plan.pools.items()},
+            "decided": {k: {"how": v, "matrices": matrices} for k, v in method.decided(spec.parameters).items()}}

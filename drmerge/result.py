@@ -30,6 +30,7 @@ class MergeResult:
     device: str = "cpu"
     resumed: dict | None = None  # {"shards_kept", "tensors_skipped"} when a run resumed
     adapter: dict | None = None  # adapter output: {"rank", "energy_kept"} (per module: drmerge.json)
+    decisions: dict | None = None  # what the method decided per matrix, counted (per matrix: drmerge.json)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,3 +45,15 @@ def adapter_summary(adapter: dict | None) -> dict | None:
     if not isinstance(adapter, dict):
         return None
     return {"rank": adapter.get("rank"), "energy_kept": adapter.get("energy_kept")}
+
+
+def decisions_summary(decisions: dict) -> dict | None:
+    """How often each value was decided (``{"direction": {"vertical": 10, "horizontal": 4}}``)
+    over drmerge.json's per-tensor ``decisions`` (a split matrix counts once per part)."""
+    counts: dict[str, dict[str, int]] = {}
+    for record in decisions.values():
+        for decided in (record["parts"].values() if "parts" in record else [record]):
+            for key, value in decided.items():
+                slot = counts.setdefault(key, {})
+                slot[str(value)] = slot.get(str(value), 0) + 1
+    return counts or None

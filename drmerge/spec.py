@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from . import locations, methods
 from .errors import MergeError
+from .layouts import SplitSpec, parse_split
 from .methods.base import MergeMethod, Params
 from .patterns import MAX_PATTERN_LENGTH, MAX_PATTERN_SIZE, compile_patterns  # noqa: F401 (re-exported)
 
@@ -28,7 +29,19 @@ _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16":
 OUTPUT_FORMATS = ("full", "adapter")
 
 DEFAULT_LINEAR = (r".*weight$",)
-DEFAULT_EXCLUDE = (r".*embed.*", r".*lm_head.*", r".*wte.*", r".*wpe.*", r"(.*\.)?shared\.weight")
+# Embeddings and output heads, then the task heads fine-tunes re-initialise (docs/DESIGN.md,
+# "Which tensors"): transformers' heads wherever they sit, timm's and lukemelas' only at the
+# top level (or under HF's TimmWrapper ``timm_model.``), because ``head`` and ``fc`` are also
+# pretrained layers inside other models (SigLIP's ``vision_model.head``, audio ``fc`` layers).
+DEFAULT_EXCLUDE = (r".*embed.*", r".*lm_head.*", r".*wte.*", r".*wpe.*", r"(.*\.)?shared\.weight",
+                   r"(.*[._])?classifier(\..+)?", r"(.*\.)?classification_head\..+", r"(.*\.)?score\.(weight|bias)",
+                   r"(.*\.)?qa_outputs\..+",
+                   r"(timm_model\.)?(head|head_dist|aux_head|fc|_fc|last_linear|classif)\.(weight|bias)",
+                   r"(timm_model\.)?head\.(fc|linear|proj|l)(\..+)?")
+# Normalisation statistics: never trimmed, sign-elected or scaled; every method takes the
+# weighted mean of the models' values (docs/DESIGN.md, "Which tensors").
+DEFAULT_STATISTICS = (r"(.*\.)?running_(mean|var)",)
+SELECT_LISTS = ("linear", "exclude", "ignore", "statistics")
 
 MAX_MODELS = 256
 MAX_PATTERNS = 64  # per select list (their length and size: patterns.py)
@@ -50,6 +63,11 @@ class Select:
     linear: tuple[str, ...] = DEFAULT_LINEAR
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     ignore: tuple[str, ...] = ()
+    statistics: tuple[str, ...] = DEFAULT_STATISTICS
+    split: SplitSpec = SplitSpec()  # fused projections (drmerge/layouts.py): presets on, no rules of the user's
+
+    def to_dict(self) -> dict:
+        return {**{k: list(getattr(self, k)) for k in SELECT_LISTS}, "split": self.split.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -85,7 +103,7 @@ class MergeSpec:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["models"] = [asdict(m) for m in self.models]
         d["parameters"] = self.parameters.model_dump()
-        d["select"] = {k: list(v) for k, v in asdict(self.select).items()}
+        d["select"] = self.select.to_dict()
         return d
 
     def uris(self) -> list[str]:
@@ -178,10 +196,12 @@ def _listed(what: str, names: list[str]) -> str:
 
 def _select(data) -> Select:
     """Every pattern goes through the one guarded compile (patterns.py) the plan uses."""
-    _check_keys(data, {"linear", "exclude", "ignore"}, "select")
-    lists = {k: _patterns(v, f"select.{k}") for k, v in data.items()}
-    compile_patterns([item for items in lists.values() for item in items], code="invalid_spec", source="select")
-    return Select(**{k: tuple(text for text, _, _ in items) for k, items in lists.items()})
+    _check_keys(data, set(SELECT_LISTS) | {"split"}, "select")
+    lists = {k: _patterns(v, f"select.{k}") for k, v in data.items() if k != "split"}
+    split, split_patterns = parse_split(data["split"]) if "split" in data else (SplitSpec(), [])
+    compile_patterns([item for items in lists.values() for item in items] + split_patterns, code="invalid_spec",
+                     source="select")
+    return Select(**{k: tuple(text for text, _, _ in items) for k, items in lists.items()}, split=split)
 
 
 def _models(data, base_dir, allow_relative: bool = True) -> tuple[ModelEntry, ...]:

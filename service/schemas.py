@@ -56,7 +56,8 @@ def _spec_schema() -> dict:
             "parameters": {"type": "object", "description": "The method's parameters (its own only: a parameter of "
                                                             "another method is an error); defaults filled in."},
             "select": {"type": "object", "additionalProperties": False,
-                       "properties": {"linear": patterns, "exclude": patterns, "ignore": patterns}},
+                       "properties": {"linear": patterns, "exclude": patterns, "ignore": patterns,
+                                      "statistics": patterns, "split": _split_schema(patterns)}},
             "dtype": {"enum": list(s.DTYPES)},
             "shard_size": {"anyOf": [{"type": "integer", "minimum": 1024}, {"type": "string", "maxLength": 32}]},
             "overwrite": {"type": "boolean"},
@@ -70,6 +71,26 @@ def _spec_schema() -> dict:
                                                   "`overwrite`)."},
         },
     }
+
+
+def _split_schema(patterns: dict) -> dict:
+    """``select.split`` (drmerge/layouts.py ``parse_split``): true (presets), false (no
+    splitting), a list of rules, or ``{presets, rules}``."""
+    from drmerge import layouts as lay
+
+    count = {"type": "integer", "minimum": 1}
+    rule = {"type": "object", "additionalProperties": False, "required": ["pattern"],
+            "properties": {"pattern": patterns["items"], "parts": {**count, "minimum": 2, "maximum": lay.MAX_PARTS},
+                           "sizes": {"type": "array", "minItems": 2, "maxItems": lay.MAX_PARTS, "items": count},
+                           "axis": {"enum": list(lay.AXES)}, "layout": {"enum": list(lay.LAYOUTS)},
+                           "groups": {**count, "maximum": lay.MAX_GROUPS},
+                           "names": {"type": "array", "items": {"type": "string", "minLength": 1,
+                                                                "maxLength": lay.MAX_PART_NAME}}}}
+    rules = {"type": "array", "maxItems": lay.MAX_SPLIT_RULES, "items": rule}
+    return {"description": "Fused projections merged part by part by the structured methods (DRM): true (the "
+                           "presets chosen from config.json; the default), false (none), or rules tried first.",
+            "anyOf": [{"type": "boolean"}, rules, {"type": "object", "additionalProperties": False,
+                                                   "properties": {"presets": {"type": "boolean"}, "rules": rules}}]}
 
 
 def _chosen(method: str, default: bool) -> dict:
@@ -137,6 +158,9 @@ class Result(BaseModel):
                                                              "`energy_kept` (the fraction of the merged deltas' "
                                                              "squared norm the rank truncation kept; per module "
                                                              "in the output's drmerge.json).")
+    decisions: dict[str, dict[str, int]] | None = Field(
+        None, description="What the method decided per matrix, counted (e.g. DRM `direction: auto`: "
+                          "`{direction: {vertical: 10, horizontal: 4}}`; per matrix in the output's drmerge.json).")
 
 
 class WebhookOut(BaseModel):

@@ -130,6 +130,25 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def stack_spectrum(deltas: torch.Tensor | None, factors: Sequence | None = None,
+                   shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """The singular values (float64, any order) of the vertical stack ``[D_1; ...; D_T]``
+    of a (T, n, m) stack of deltas (the eigenvalues of its smaller Gram), or of factored
+    deltas (those of the small core, as in ``lowrank_row_basis``). DRM's ``direction:
+    auto`` compares the ranks of both stacks with them."""
+    if deltas is not None:
+        t, n, m = deltas.shape
+        flat = deltas.to(_work_dtype(deltas)).reshape(t * n, m)
+        gram = _gram(flat.T, flat) if m <= t * n else _gram(flat, flat.T)
+        return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    live = [f for f in factors if f is not None and f.rank > 0]
+    if not live:
+        return torch.zeros(0, dtype=DECOMP_DTYPE)
+    rs = [torch.linalg.qr(f.left.to(DECOMP_DTYPE))[1] for f in live]
+    r_a = torch.linalg.qr(torch.cat([f.right.to(DECOMP_DTYPE) for f in live]).T)[1]
+    return torch.linalg.svdvals(torch.block_diag(*rs) @ r_a.T)
+
+
 def lowrank_row_basis(factors: Sequence, shape: tuple[int, int], rank_threshold: float):
     """Step 2 (vertical) from factors (``kernels.lowrank.LowRank`` or ``None`` per task): ``(P, V)`` with ``P[t] = D_t V`` (T, n, k) and ``V``
     (m, k), keeping ``s_i > rho * s_1``; ``None`` if every delta is zero.

@@ -27,7 +27,7 @@ import torch
 
 from .rules import Divide, ElementwiseRule, Sign
 from .signs import add_agreeing_, combine, fallback_sign
-from .topk import TopMask, keep_top_magnitudes
+from .topk import TopMask, keep_top_magnitudes, mask_of
 
 CHUNK_ELEMENTS = 1 << 20  # per model: 4 MB of float32 (a chunk's temporaries stay ~100 MB at T=6)
 
@@ -35,7 +35,10 @@ CHUNK_ELEMENTS = 1 << 20  # per model: 4 MB of float32 (a chunk's temporaries st
 def rule_delta(rule: ElementwiseRule, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The rule on a whole (T, ...) stack of task deltas at once: the merged delta before
     the scale (``merge_elementwise`` equals ``W0 + scale * rule_delta``)."""
-    if rule.trims:
+    if rule.trims and rule.floor is not None:
+        floor = torch.tensor(rule.floor, dtype=deltas.dtype, device=deltas.device).reshape((-1,) + (1,) * (deltas.dim() - 1))
+        deltas = deltas * (deltas.abs() >= floor)
+    elif rule.trims:
         deltas = torch.stack([keep_top_magnitudes(d, k) for d, k in zip(deltas, rule.keeps(deltas.shape[0]))])
     return combine(deltas, weights, rule.sign, rule.divide)
 
@@ -81,7 +84,7 @@ def merge_elementwise(rule: ElementwiseRule, base: torch.Tensor | None, tensors:
     if rule.trims and n:
         sums = rule.elects and (rule.sign == Sign.UNWEIGHTED or (unit and flat_base is not None))
         masks, total, inputs_finite = _masks(flats, flat_base, rule.keeps(len(flats)), spans, sums=sums,
-                                             compute_dtype=compute_dtype, device=device)
+                                             compute_dtype=compute_dtype, device=device, floors=rule.floor)
         if total is not None:
             if rule.sign == Sign.WEIGHTED:
                 fallback = torch.ones((), dtype=compute_dtype, device=device)
@@ -135,9 +138,9 @@ def merge_elementwise(rule: ElementwiseRule, base: torch.Tensor | None, tensors:
 
 
 def _masks(flats: list, flat_base, keeps: tuple[float, ...], spans: list[tuple[int, int]], *, sums: bool,
-           compute_dtype: torch.dtype, device: torch.device):
+           compute_dtype: torch.dtype, device: torch.device, floors: tuple[float, ...] | None = None):
     """One pass over each model's whole delta: its keep-mask (``TopMask``, keeping the
-    fraction ``keeps[i]``) and, if ``sums``,
+    fraction ``keeps[i]``; ``FloorMask`` when ``floors`` gives each model's threshold) and, if ``sums``,
     the entry sums of the trimmed, unweighted deltas (DRM elects on those; TIES, on the
     weighted ones, asks for them only with unit weights), accumulated model after model as
     ``stack.sum(dim=0)`` adds them. Also whether every input is finite (``W_t - W0`` finite
@@ -156,7 +159,7 @@ def _masks(flats: list, flat_base, keeps: tuple[float, ...], spans: list[tuple[i
                 d -= whole_base
         all_finite = all_finite and _finite(d)
         mags = d.abs()
-        mask = TopMask.of_magnitudes(mags, keeps[i])
+        mask = mask_of(mags, keeps[i], floors[i] if floors is not None else None)
         masks.append(mask)
         if total is not None:
             for a, b in spans:  # chunk views: temporaries stay chunk-sized

@@ -33,19 +33,28 @@ class ElementwiseRule:
     entry, ``W0 + scale * combine(trim(D_t))``, or ``combine(W_t)`` when ``of_weights``.
 
     ``keep``: the fraction of each model's largest-magnitude entries kept (1: no trim), one
-    value for every model or one per model."""
+    value for every model or one per model. ``floor`` (instead): per model, the magnitude
+    below which its entries are dropped (a threshold computed over a pool of tensors,
+    e.g. DRM's ``nonlinear_trim: global``); entries equal to it are kept."""
 
     keep: float | tuple[float, ...] = 1.0
     sign: Sign = Sign.NONE
     divide: Divide = Divide.NONE
     of_weights: bool = False  # combine the models' weights themselves, not their deltas from the base
     scale: float = 1.0
+    floor: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.floor is not None and self.keep != 1.0:
+            raise ValueError("an element-wise rule trims by keep or by floor, not both")
 
     def keeps(self, n_models: int) -> tuple[float, ...]:
         return self.keep if isinstance(self.keep, tuple) else (self.keep,) * n_models
 
     @property
     def trims(self) -> bool:
+        if self.floor is not None:
+            return any(f > 0 for f in self.floor)
         return any(k < 1.0 for k in (self.keep if isinstance(self.keep, tuple) else (self.keep,)))
 
     @property

@@ -51,6 +51,74 @@ class TopMask:
         return keep
 
 
+class FloorMask:
+    """``TopMask``'s interface for a trim by a given magnitude: keep the entries whose
+    magnitude is at least ``floor`` (DRM's pooled trim; ``PooledKth`` finds the floor)."""
+
+    def __init__(self, floor: float):
+        self.floor = floor
+
+    def chunk(self, mags: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return mags >= self.floor if out is None else torch.ge(mags, self.floor, out=out)
+
+
+def mask_of(mags: torch.Tensor, keep: float, floor: float | None) -> "TopMask | FloorMask":
+    """The keep-mask of one model's flat magnitudes: its top ``keep`` fraction, or the
+    entries at or above ``floor`` when one is given."""
+    if floor is not None:
+        return FloorMask(floor)
+    return TopMask.of_magnitudes(mags, keep)
+
+
+class PooledKth:
+    """The k-th smallest magnitude of a pool of float32 magnitudes seen in pieces (many
+    tensors, each read chunk by chunk), exactly and in bounded memory: two passes over the
+    pool. Non-negative float32 values order like their bit patterns, so pass 1 histograms
+    the high 16 bits of every entry (``add``), ``select(k)`` finds the bucket that holds the
+    k-th smallest, and pass 2 histograms the low 16 bits of that bucket's entries (``add``
+    again), which pins the value down bit for bit (``value``): what ``kthvalue`` of the
+    concatenated pool gives. Memory: two histograms of 2^16 counters."""
+
+    def __init__(self):
+        self.hist = torch.zeros(1 << 16, dtype=torch.int64)
+        self.count = 0
+        self.bucket: int | None = None
+        self.rank = 0
+        self.low: torch.Tensor | None = None
+
+    def add(self, mags: torch.Tensor) -> None:
+        """One piece of the pool (float32 magnitudes, >= 0 and finite), in either pass."""
+        bits = mags.reshape(-1).to(device="cpu", dtype=torch.float32).contiguous().view(torch.int32)
+        if self.bucket is None:
+            self.hist += torch.bincount(bits >> 16, minlength=1 << 16)
+            self.count += bits.numel()
+        else:
+            inside = bits[(bits >> 16) == self.bucket] & 0xFFFF
+            self.low += torch.bincount(inside, minlength=1 << 16)
+
+    def add_zeros(self, n: int) -> None:
+        """``n`` entries of magnitude 0 (a model that leaves a tensor alone)."""
+        if self.bucket is None:
+            self.hist[0] += n
+            self.count += n
+        elif self.bucket == 0:
+            self.low[0] += n
+
+    def select(self, k: int) -> None:
+        """After pass 1: look for the k-th smallest (1 <= k <= count) in pass 2."""
+        cum = self.hist.cumsum(0)
+        self.bucket = int(torch.searchsorted(cum, torch.tensor(k, dtype=cum.dtype)))  # first with cum >= k
+        self.rank = k - (int(cum[self.bucket - 1]) if self.bucket else 0)
+        self.low = torch.zeros(1 << 16, dtype=torch.int64)
+
+    def value(self) -> float:
+        """After pass 2: the k-th smallest magnitude."""
+        cum = self.low.cumsum(0)
+        low = int(torch.searchsorted(cum, torch.tensor(self.rank, dtype=cum.dtype)))
+        bits = torch.tensor([(self.bucket << 16) | low], dtype=torch.int32)
+        return float(bits.view(torch.float32)[0])
+
+
 # Below this many entries a plain ``kthvalue`` is as fast as the radix select.
 RADIX_MIN = 1 << 16
 _FINITE_LIMIT = 0x7F80  # high 16 bits of float32 +inf: buckets from here on hold inf and NaN

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 # What the select rules make of a tensor (plan.Selector.kind).
 MATRIX = "matrix"  # a 2-D (or more) weight the linear patterns pick and exclude does not
 VECTOR = "vector"  # every other floating-point tensor: biases, norms, embeddings, heads
+STATISTIC = "statistic"  # normalisation statistics (running_mean/var): the weighted mean, whatever the method
 COPY = "copy"  # copied from the base unchanged: not floating-point, or select.ignore
 
 
@@ -36,6 +37,7 @@ class Op(StrEnum):
     ELEMENTWISE_LAZY = "elementwise_lazy"  # the same, inputs read range by range (large tensors)
     DENSE = "dense"  # the method's whole-tensor delta on the materialised stack of task deltas
     LOWRANK = "lowrank"  # the method's low-rank form on LoRA factors: nothing n x m per task
+    MEAN = "mean"  # the weighted mean of the models' values (statistics): no method is asked
 
 
 class Params(BaseModel):
@@ -44,6 +46,11 @@ class Params(BaseModel):
     (``strict``: ``"0.5"`` or ``true`` is not a number), and non-finite numbers are refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+# The per-model value a pooled trim hands the hooks (``MergeMethod.pool_keep``): each
+# model's magnitude threshold over the pool; entries of smaller magnitude are dropped.
+POOL_FLOOR = "pool_floor"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,11 @@ class MergeMethod:
     needs_base: ClassVar[bool] = True  # a full output needs base_model (the deltas are relative to it)
     accepts_adapters: ClassVar[bool] = True  # LoRA adapters may be inputs
     per_model: ClassVar[tuple[str, ...]] = ()  # parameters given per model, besides weight (none yet)
+    # Merges a matrix by its structure (a decomposition), not entry by entry: the plan hands
+    # it every matrix as the linear map out x in (Conv1D weights transposed) and every part
+    # of a fused projection (q/k/v, gate/up) as its own matrix (drmerge/layouts.py). An
+    # element-wise method needs neither: both change nothing for it.
+    splits_fused: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ parameters
 
@@ -129,6 +141,26 @@ class MergeMethod:
         """The global scale ``lam`` of ``W0 + lam * D`` (1 for methods without one)."""
         return getattr(params, "scale", 1.0)
 
+    def pool_keep(self, kind: str, params: Params) -> float | None:
+        """The fraction of each model's entries kept by one trim over *all* tensors of this
+        kind together (one magnitude threshold per model, computed over the pool before
+        they are merged; the hooks then find it as the per-model value ``POOL_FLOOR``),
+        or None: no pooled trim."""
+        return None
+
+    def decided(self, params: Params) -> dict[str, str]:
+        """The parameters this method decides per matrix from the data, at merge time
+        (``decide``), with how: ``drmerge validate`` reports them, since it reads no data."""
+        return {}
+
+    def decide(self, kind: str, params: Params, deltas: "torch.Tensor | None" = None,
+               factors: "Sequence[LowRank | None] | None" = None, shape: tuple[int, int] | None = None
+               ) -> tuple[Params, dict]:
+        """The parameters to merge one matrix (or one part of a fused one) with, given its
+        task deltas (a (T, n, m) stack) or factors, and what was decided (recorded per
+        matrix in drmerge.json): the parameters as they are, and nothing, by default."""
+        return params, {}
+
     # ------------------------------------------------------------------ hooks
 
     def elementwise_rule(self, kind: str, params: Params, models: PerModel | None = None) -> ElementwiseRule | None:
@@ -174,6 +206,8 @@ def _message(info, err: dict, value) -> str:
         return f"must be true or false, got {value!r}"
     if kind == "literal_error":
         return f"must be one of {', '.join(map(str, get_args(info.annotation)))}, got {value!r}"
+    if kind == "value_error" and err.get("ctx", {}).get("error") is not None:
+        return f"{err['ctx']['error']}, got {value!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         bounds = []
         for m in info.metadata:

@@ -371,12 +371,15 @@ def test_adapter_with_a_retrained_layer_copy(models, tmp_path):
 
 
 def test_gpt2_adapter_output_round_trip(tmp_path):
-    """Conv1D layers (fan_in_fan_out): full output == PEFT's merge of the adapter output."""
+    """Conv1D layers (fan_in_fan_out): full output == PEFT's merge of the adapter output.
+    The adapter output is given the base too: DRM splits GPT-2's fused c_attn into q, k, v,
+    a preset chosen from the base's config.json (without a base there is none to read)."""
     base = make_base(str(tmp_path / "base"), kind="gpt2")
     ads = [make_adapter(base, str(tmp_path / f"a{i}"), seed=i, r=4, lora_alpha=8, fan_in_fan_out=True,
                         target_modules=["c_attn", "c_proj"]) for i in range(2)]
     merge({"base_model": base, "models": ads, "output": str(tmp_path / "full")}, device="cpu")
-    merge({"models": ads, "output": str(tmp_path / "ad"), "output_format": "adapter"}, device="cpu")
+    merge({"base_model": base, "models": ads, "output": str(tmp_path / "ad"), "output_format": "adapter"},
+          device="cpu")
     assert json.load(open(tmp_path / "ad" / "adapter_config.json"))["fan_in_fan_out"] is True
     full = state(str(tmp_path / "full"))
     via_peft = peft_merged(base, str(tmp_path / "ad"))

@@ -77,14 +77,14 @@ def test_the_issue_example_and_messages_say_what_is_allowed():
     cases = [("drm", {"drop_rate": 3}, "parameters.drop_rate: must be >= 0.0 and < 1.0, got 3.0"),
              ("ties", {"density": 0}, "parameters.density: must be > 0.0 and <= 1.0, got 0.0"),
              ("drm", {"direction": "diagonal"}, "parameters.direction: must be one of vertical, horizontal, "
-                                                "got 'diagonal'"),
+                                                "auto, got 'diagonal'"),
              ("ties", {"sign_election": 1}, "parameters.sign_election: must be true or false, got 1"),
              ("task_arithmetic", {"scale": "2"}, "parameters.scale: must be a finite number, got '2'"),
              ("linear", {"scale": 2.0}, "parameters.scale: does not apply to method 'linear' (it takes no "
                                         "parameters; scale is a parameter of drm, task_arithmetic, ties)"),
-             ("drm", {"dropout": 0.1}, "parameters.dropout: unknown key (its parameters: direction, drop_rate, "
-                                       "rank_threshold, scale, sign_election, disjoint_mean, nonlinear_drop_rate, "
-                                       "renormalize)")]
+             ("drm", {"dropout": 0.1}, "parameters.dropout: unknown key (its parameters: direction, auto_rule, "
+                                       "drop_rate, rank_threshold, scale, sign_election, disjoint_mean, "
+                                       "nonlinear_drop_rate, nonlinear_trim, renormalize)")]
     for method, params, message in cases:
         with pytest.raises(MergeError) as err:
             parse_spec(spec_for(method, parameters=params, **({"base_model": None} if method == "linear" else {})))
